@@ -1,0 +1,1 @@
+"""Calibration: statistics, smoothing/rotation, quantizers and fusion-weight learning (``qavtp.calibrate``)."""

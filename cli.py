@@ -1,0 +1,137 @@
+"""The ``qavtp`` command line: thin wrappers over library functions that the tests also call."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from qavtp.errors import QavtpError
+
+DEFAULT_MODEL = "smollava-easyvqa"
+
+
+class _Group(click.Group):
+    """Turns QavtpError into one line on stderr and a non-zero exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QavtpError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="qavtp")
+def main() -> None:
+    """qavtp: W4A4 quantization and quantization-aware visual token pruning for LLaVA models."""
+
+
+cache_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the reference model is assembled (default $QAVTP_CACHE or ~/.cache/qavtp).",
+)
+
+
+@main.command()
+@cache_option
+@click.option("--force", is_flag=True, help="Rebuild even if the cache already holds the model.")
+def assemble(cache_dir: str | None, force: bool) -> None:
+    """Assemble the embedded reference model smollava-easyvqa as a standard HF checkpoint."""
+    from qavtp.models.reference import assemble as _assemble
+
+    click.echo(_assemble(cache_dir, force=force))
+
+
+@main.command("eval")
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option(
+    "--data", "data_spec", default="easy-vqa", show_default=True, help="easy-vqa, scienceqa:DIR or local:DIR."
+)
+@click.option("--split", default="test", show_default=True)
+@click.option(
+    "--columns",
+    default=None,
+    help="Column map for local data, DATA_COLUMN=QAVTP_NAME, e.g. img=image,q=question,a=answer.",
+)
+@click.option("--keep-no-image", is_flag=True, help="Keep rows without an image (text-only prompts).")
+@click.option("--limit", type=int, default=None, help="Evaluate a seeded random subset of this size.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--mode", type=click.Choice(["loglik", "generate"]), default="loglik", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False), default=None, help="Directory for results.json and results.md."
+)
+@cache_option
+def eval_cmd(model, data_spec, split, columns, keep_no_image, limit, seed, batch_size, mode, dtype, output, cache_dir):
+    """Accuracy of MODEL (a local LLaVA directory or smollava-easyvqa) on a VQA data set."""
+    import torch
+
+    from qavtp.data import load_data, parse_columns
+    from qavtp.evaluate import evaluate, markdown_table
+    from qavtp.io import atomic_write_json, atomic_write_text
+    from qavtp.models.loading import load_model
+
+    if batch_size < 1:
+        raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
+    torch.manual_seed(seed)
+    ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
+    net, processor, _ = load_model(model, dtype, cache_dir)
+    t0 = time.time()
+    results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode)
+    results["seconds"] = round(time.time() - t0, 1)
+    results["config"] = dict(
+        model=str(model), data=data_spec, split=split, limit=limit, seed=seed, mode=mode, dtype=dtype
+    )
+    title = f"{model} on {data_spec} ({split}, n={results['n']}, {mode}, {dtype})"
+    table = markdown_table(results, title)
+    click.echo(table)
+    if output:
+        out = Path(output)
+        atomic_write_json(out / "results.json", results)
+        atomic_write_text(out / "results.md", table)
+        click.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+@main.command("train-reference")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    default="runs/reference",
+    show_default=True,
+    help="Checkpoints and the training log; a rerun resumes from here.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where the trained weights go (default: the package's assets).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--stage1-epochs", type=int, default=12, show_default=True)
+@click.option("--stage2-steps", type=int, default=450, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+def train_reference_cmd(work_dir, out, seed, stage1_epochs, stage2_steps, batch_size):
+    """Train the reference model's vision tower and projector on easy-VQA (SmolLM2 frozen)."""
+    from qavtp.models import reference
+    from qavtp.models.train import train_reference
+
+    path = train_reference(
+        out=Path(out) if out else reference.WEIGHTS,
+        work=Path(work_dir),
+        seed=seed,
+        stage1_epochs=stage1_epochs,
+        stage2_steps=stage2_steps,
+        batch=batch_size,
+    )
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""ONNX export: graph building, int4 packing and the pruning subgraph (``qavtp.export``)."""
