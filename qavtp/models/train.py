@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -244,4 +245,33 @@ def train_reference(
         reference.trainable_state(model), str(tmp), metadata={"seed": str(seed), "stage2_steps": str(stage2_steps)}
     )
     tmp.replace(out)
+    shutil.copy(log, out.parent / "smollava_train_log.jsonl")
+    plot_log(log, out.parent / "smollava_training.png")
     return out
+
+
+def plot_log(log: Path, png: Path) -> Path:
+    """Training curve: stage-2 loss and held-out accuracy against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    s2 = [r for r in rows if r["stage"] == 2]
+    held = [r for r in s2 if "heldout_acc" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in s2], [r["loss"] for r in s2], lw=0.6, alpha=0.6, label="answer-token loss")
+    ax.set_xlabel("stage-2 step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in held], [100 * r["heldout_acc"] for r in held], "o-", c="C1", label="held-out accuracy")
+    ax2.set_ylabel("held-out accuracy (%)")
+    ax2.set_ylim(0, 100)
+    fig.legend(loc="center right")
+    ax.set_title("smollava-easyvqa: projector alignment through frozen SmolLM2-135M")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
