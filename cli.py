@@ -48,8 +48,77 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     click.echo(_assemble(cache_dir, force=force))
 
 
-@main.command("eval")
+@main.command()
 @click.argument("model", default=DEFAULT_MODEL)
+@click.option("--data", "data_spec", default="easy-vqa", show_default=True, help="Calibration data (train split).")
+@click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration questions.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "smoothquant", "quarot"]), default="quarot", show_default=True)
+@click.option("--wbits", type=int, default=4, show_default=True, help="Weight bits: 2, 3, 4 or 8.")
+@click.option("--abits", type=int, default=4, show_default=True, help="Activation bits: 2, 3, 4, 8, or 16 (off).")
+@click.option("--wgroup", type=int, default=128, show_default=True, help="Weight group size (0: per channel).")
+@click.option("--agroup", type=int, default=0, show_default=True, help="Activation group size (0: per token).")
+@click.option("--wasym", is_flag=True, help="Asymmetric weights (default symmetric).")
+@click.option("--aasym", is_flag=True, help="Asymmetric activations (default symmetric).")
+@click.option("--aclip", type=float, default=1.0, show_default=True, help="Activation clipping ratio in (0, 1].")
+@click.option("--gptq", is_flag=True, help="GPTQ instead of round-to-nearest weights.")
+@click.option("--clip-search", is_flag=True, help="Search a per-group weight clipping ratio (MSE).")
+@click.option("--smooth-alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
+@cache_option
+def calibrate(
+    model,
+    data_spec,
+    n_samples,
+    batch_size,
+    method,
+    wbits,
+    abits,
+    wgroup,
+    agroup,
+    wasym,
+    aasym,
+    aclip,
+    gptq,
+    clip_search,
+    smooth_alpha,
+    seed,
+    output,
+    overwrite,
+    cache_dir,
+):
+    """Calibrate MODEL to W{wbits}A{abits} and write a quantization artifact."""
+    from qavtp.calibrate.run import run_calibration
+
+    out = run_calibration(
+        model,
+        output,
+        data_spec=data_spec,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        method=method,
+        wbits=wbits,
+        abits=abits,
+        wgroup=wgroup,
+        agroup=agroup,
+        wsym=not wasym,
+        asym=not aasym,
+        aclip=aclip,
+        gptq=gptq,
+        clip_search=clip_search,
+        smooth_alpha=smooth_alpha,
+        seed=seed,
+        overwrite=overwrite,
+        cache_dir=cache_dir,
+    )
+    click.echo(f"wrote {out}")
+
+
+@main.command("eval")
+@click.argument("model", default=None, required=False)
+@click.option("--artifact", type=click.Path(), default=None, help="A calibration artifact to evaluate.")
 @click.option(
     "--data", "data_spec", default="easy-vqa", show_default=True, help="easy-vqa, scienceqa:DIR or local:DIR."
 )
@@ -69,7 +138,9 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     "-o", "--output", type=click.Path(file_okay=False), default=None, help="Directory for results.json and results.md."
 )
 @cache_option
-def eval_cmd(model, data_spec, split, columns, keep_no_image, limit, seed, batch_size, mode, dtype, output, cache_dir):
+def eval_cmd(
+    model, artifact, data_spec, split, columns, keep_no_image, limit, seed, batch_size, mode, dtype, output, cache_dir
+):
     """Accuracy of MODEL (a local LLaVA directory or smollava-easyvqa) on a VQA data set."""
     import torch
 
@@ -82,7 +153,14 @@ def eval_cmd(model, data_spec, split, columns, keep_no_image, limit, seed, batch
         raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
     torch.manual_seed(seed)
     ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
-    net, processor, _ = load_model(model, dtype, cache_dir)
+    if artifact:
+        from qavtp.calibrate.artifact import load_artifact
+
+        net, processor, _, _ = load_artifact(artifact, model, dtype)
+        model = f"{artifact} ({model or 'source model'})"
+    else:
+        model = model or DEFAULT_MODEL
+        net, processor, _ = load_model(model, dtype, cache_dir)
     t0 = time.time()
     results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode)
     results["seconds"] = round(time.time() - t0, 1)

@@ -70,6 +70,7 @@ def load_model(
     config = check_checkpoint(path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a bar per load is noise, and hides the one-line errors
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
         net = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
@@ -78,5 +79,6 @@ def load_model(
         raise QavtpError(f"could not load {path}: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     net.eval()
     return net, processor, adapter_class(config["model_type"])(net)

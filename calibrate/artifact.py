@@ -1,0 +1,135 @@
+"""The calibration artifact: safetensors + a versioned config.json, written atomically.
+
+Only what calibration changed is stored (the LLM, the LM head, the projector); the vision tower and
+everything else are read from the source checkpoint, which the artifact names and fingerprints.
+4-bit codes are packed two per byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, pack_int4, unpack_int4
+from qavtp.calibrate.rotation import install_online_transforms
+from qavtp.errors import QavtpError
+
+SCHEMA_VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "quantized.safetensors"
+_STORED_PREFIXES = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
+
+
+def fingerprint(model_dir: str | os.PathLike) -> str:
+    """A hash of the checkpoint's config and safetensors headers: cheap even for a 13B model.
+
+    The headers hold every tensor's name, dtype, shape and byte offsets, and the file sizes are
+    included, so any other checkpoint (or a retrained one) gets another fingerprint.
+    """
+    d = Path(model_dir)
+    h = hashlib.sha256((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            h.update(f.name.encode() + fh.read(n) + str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def _stored_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in model.state_dict().items():
+        if not k.startswith(_STORED_PREFIXES):
+            continue
+        out[k] = v.detach().contiguous().clone()
+    # Packed int4 codes: half the bytes of int8, as the artifact format promises.
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and mod.wspec.bits == 4 and f"{name}.qweight" in out:
+            codes = out.pop(f"{name}.qweight")
+            out[f"{name}.qweight_int4"] = pack_int4(codes)
+    return out
+
+
+def save_artifact(out_dir: str | os.PathLike, model: torch.nn.Module, config: dict, overwrite: bool = False) -> Path:
+    """Write ``config`` and the calibrated weights to ``out_dir`` via a temporary sibling + rename."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_file(_stored_state(model), str(tmp / WEIGHTS))
+        full = {"schema_version": SCHEMA_VERSION, **config}
+        (tmp / CONFIG).write_text(json.dumps(full, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(artifact_dir: str | os.PathLike) -> dict:
+    d = Path(artifact_dir)
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise QavtpError(f"{d} is not a qavtp artifact (needs {CONFIG} and {WEIGHTS})")
+    try:
+        cfg = json.loads((d / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise QavtpError(f"{d / CONFIG} is not valid JSON: {e}") from None
+    version = cfg.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise QavtpError(f"artifact {d} has schema version {version}; this qavtp reads version {SCHEMA_VERSION}")
+    return cfg
+
+
+def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None, dtype: str = "fp32"):
+    """The calibrated model: the source checkpoint, rebuilt with the artifact's modules and weights."""
+    from qavtp.models.loading import load_model, resolve
+
+    d = Path(artifact_dir)
+    cfg = read_config(d)
+    src = cfg["source"]
+    path = resolve(model_dir or src["model"], src.get("cache_dir"))
+    model, processor, adapter = load_model(path, dtype)
+    got = fingerprint(path)
+    if got != src["fingerprint"]:
+        raise QavtpError(
+            f"artifact {d} was calibrated from another model (fingerprint {src['fingerprint']}, {path} has {got})"
+        )
+    rotation = cfg["calibration"]["transforms"].get("rotation")
+    if rotation:
+        install_online_transforms(adapter, rotation)
+    wspec = QuantSpec.from_dict(cfg["options"]["weights"])
+    aspec = QuantSpec.from_dict(cfg["options"]["activations"]) if cfg["options"]["activations"] else None
+    layers = adapter.decoder_layers
+    for name in cfg["calibration"]["quantized"]:
+        rel = name[len("layers.") :]
+        parent_name, _, attr = rel.rpartition(".")
+        parent = layers.get_submodule(parent_name)
+        lin = getattr(parent, attr)
+        setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, wspec, aspec, bias=lin.bias is not None))
+    try:
+        state = load_file(str(d / WEIGHTS))
+    except Exception as e:  # safetensors raises several error types for a damaged file
+        raise QavtpError(f"corrupt artifact weights {d / WEIGHTS}: {e}") from None
+    for k in [k for k in state if k.endswith(".qweight_int4")]:
+        base = k[: -len("_int4")]
+        shape = model.get_submodule(base.rsplit(".", 1)[0]).qweight.shape
+        state[base] = unpack_int4(state.pop(k), signed=wspec.symmetric, n=shape[-1]).to(wspec.code_dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise QavtpError(f"artifact {d} holds tensors this model lacks, e.g. {unexpected[0]}")
+    lacking = [k for k in missing if k.startswith(_STORED_PREFIXES)]
+    if lacking:
+        raise QavtpError(f"artifact {d} lacks {len(lacking)} tensors, e.g. {lacking[0]}")
+    model.eval()
+    return model, processor, adapter, cfg

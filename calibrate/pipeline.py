@@ -1,0 +1,95 @@
+"""W4A4 calibration of a multimodal model's LLM: transform, then quantize layer by layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qavtp.calibrate.quantizers import QuantLinear, QuantSpec
+from qavtp.calibrate.rotation import rotate_model
+from qavtp.calibrate.smooth import collect_input_absmax, smooth_model
+from qavtp.calibrate.stats import capture_layer_inputs, linear_modules, observe_layer, run_layer
+from qavtp.errors import QavtpError
+from qavtp.evaluate import encode
+
+METHODS = ("rtn", "smoothquant", "quarot")
+W4_G128 = QuantSpec(4, True, 128)
+A4_PER_TOKEN = QuantSpec(4, True, 0)
+
+
+def calibration_batches(processor, dataset, batch_size: int = 8) -> list[dict]:
+    """Prompt + answer sequences, as the model sees them in a conversation."""
+    if len(dataset) == 0:
+        raise QavtpError("the calibration set is empty")
+    tok = processor.tokenizer
+    batches = []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        answers = [tok(a, add_special_tokens=False).input_ids for a in rows["answer"]]
+        batches.append(dict(encode(processor, rows["image"], rows["prompt"], answers)))
+    return batches
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+@torch.no_grad()
+def calibrate_model(
+    adapter,
+    batches: Sequence[dict],
+    method: str = "quarot",
+    wspec: QuantSpec = W4_G128,
+    aspec: QuantSpec | None = A4_PER_TOKEN,
+    gptq: bool = False,
+    clip_search: bool = False,
+    smooth_alpha: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Transform the LLM (``method``), then quantize every decoder linear in place.
+
+    Each layer is observed on the outputs of the already-quantized layers before it, so GPTQ and
+    the statistics see the inputs the deployed model will see.  The LM head, the vision tower and
+    the projector stay in floating point, as in QuaRot.  Returns the JSON-able record of what was
+    done (transforms, per-linear input statistics) for the artifact.
+    """
+    if method not in METHODS:
+        raise QavtpError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if not batches:
+        raise QavtpError("the calibration set is empty")
+    record: dict = {"method": method, "transforms": {}}
+    if method == "smoothquant":
+        absmax = collect_input_absmax(adapter, batches)
+        scales = smooth_model(adapter, absmax, smooth_alpha)
+        record["transforms"]["smooth"] = {"alpha": smooth_alpha, "layers": sorted(scales)}
+    elif method == "quarot":
+        record["transforms"]["rotation"] = rotate_model(adapter, seed)
+    inputs = capture_layer_inputs(adapter, batches)
+    stats_out: dict[str, dict] = {}
+    quantized: list[str] = []
+    layers = adapter.decoder_layers
+    bar = tqdm(list(enumerate(layers)), desc="calibrating decoder layers", unit="layer", disable=not progress)
+    for i, layer in bar:
+        stats, hess = observe_layer(layer, f"layers.{i}", inputs, hessians=gptq)
+        for name, lin in list(linear_modules(layer)):
+            full = f"layers.{i}.{name}"
+            stats_out[full] = stats[full].summary()
+            ql = QuantLinear.from_linear(
+                lin,
+                wspec,
+                aspec,
+                method="gptq" if gptq else "rtn",
+                H=hess[full].hessian() if gptq else None,
+                clip_search=clip_search,
+            )
+            _set_module(layer, name, ql)
+            quantized.append(full)
+        inputs = run_layer(layer, inputs)
+    record["quantized"] = quantized
+    record["stats"] = stats_out
+    return record

@@ -1,0 +1,111 @@
+"""``qavtp calibrate``: load, calibrate and write the artifact (the CLI is a thin wrapper over this)."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from qavtp.calibrate.artifact import fingerprint, save_artifact
+from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches
+from qavtp.calibrate.quantizers import QuantSpec, check_group_size
+from qavtp.errors import QavtpError
+
+
+def quant_specs(
+    wbits: int, abits: int, wgroup: int, agroup: int, wsym: bool, asym: bool, aclip: float
+) -> tuple[QuantSpec, QuantSpec | None]:
+    wspec = QuantSpec(wbits, wsym, wgroup)
+    aspec = None if abits == 16 else QuantSpec(abits, asym, agroup, aclip)
+    return wspec, aspec
+
+
+def check_groups(adapter, wspec: QuantSpec, aspec: QuantSpec | None) -> None:
+    """Every decoder linear's input width must split into whole groups; say so before any work."""
+    from qavtp.calibrate.stats import linear_modules
+
+    widths = sorted({lin.in_features for _, lin in linear_modules(adapter.decoder_layers[0])})
+    for spec, what in ((wspec, "weight"), (aspec, "activation")):
+        if spec is None:
+            continue
+        for w in widths:
+            try:
+                check_group_size(w, spec.group_size)
+            except QavtpError as e:
+                raise QavtpError(f"{what} {e} (decoder linear input widths: {widths})") from None
+
+
+def run_calibration(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    data_spec: str = "easy-vqa",
+    n_samples: int = 128,
+    batch_size: int = 8,
+    method: str = "quarot",
+    wbits: int = 4,
+    abits: int = 4,
+    wgroup: int = 128,
+    agroup: int = 0,
+    wsym: bool = True,
+    asym: bool = True,
+    aclip: float = 1.0,
+    gptq: bool = False,
+    clip_search: bool = False,
+    smooth_alpha: float = 0.5,
+    seed: int = 0,
+    overwrite: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    from qavtp.data import load_data
+    from qavtp.models.loading import load_model, resolve
+
+    if method not in METHODS:
+        raise QavtpError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if n_samples < 1:
+        raise QavtpError(f"the calibration set is empty (--n-samples {n_samples})")
+    if Path(output).exists() and not overwrite:
+        raise QavtpError(f"output directory {output} exists; pass --overwrite to replace it")
+    if not 0 < smooth_alpha <= 1:
+        raise QavtpError(f"--smooth-alpha must lie in (0, 1], got {smooth_alpha}")
+    wspec, aspec = quant_specs(wbits, abits, wgroup, agroup, wsym, asym, aclip)
+    torch.manual_seed(seed)
+    path = resolve(model, cache_dir)
+    net, processor, adapter = load_model(path)
+    check_groups(adapter, wspec, aspec)
+    ds = load_data(data_spec, "train", limit=n_samples, seed=seed)
+    batches = calibration_batches(processor, ds, batch_size)
+    t0 = time.time()
+    record = calibrate_model(
+        adapter,
+        batches,
+        method,
+        wspec,
+        aspec,
+        gptq=gptq,
+        clip_search=clip_search,
+        smooth_alpha=smooth_alpha,
+        seed=seed,
+        progress=progress,
+    )
+    config = {
+        "qavtp_version": version("qavtp"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model": str(model), "path": str(path), "fingerprint": fingerprint(path)},
+        "data": {"spec": data_spec, "split": "train", "n_samples": len(ds), "seed": seed},
+        "options": {
+            "method": method,
+            "weights": wspec.to_dict(),
+            "activations": aspec.to_dict() if aspec else None,
+            "gptq": gptq,
+            "clip_search": clip_search,
+            "smooth_alpha": smooth_alpha if method == "smoothquant" else None,
+            "seed": seed,
+        },
+        "calibration": {**record, "seconds": round(time.time() - t0, 1)},
+    }
+    return save_artifact(output, net, config, overwrite=overwrite)

@@ -1,0 +1,155 @@
+"""Calibration statistics, collected layer by layer.
+
+The decoder layers are visited one at a time: the inputs of layer i are held in memory, layer i is
+observed (and then quantized by the caller), and its outputs become the inputs of layer i+1.  Peak
+memory is one layer's activations for the calibration set plus the model, which is what lets a
+7B/13B model calibrate on one GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qavtp.calibrate.quantizers import HessianAccumulator
+from qavtp.errors import QavtpError
+
+# Decoder-layer keyword arguments that stay the same from layer to layer.
+_LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+PERCENTILES = (50.0, 99.0, 99.9, 100.0)
+_SAMPLE = 65536  # |x| values kept per linear for percentiles
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LayerInput:
+    hidden: torch.Tensor
+    kwargs: dict
+    mask: torch.Tensor | None = None  # [B, L] real (non-padding) tokens
+
+
+@torch.no_grad()
+def capture_layer_inputs(adapter, batches: Iterable[dict]) -> list[LayerInput]:
+    """The hidden states (and mask/positions) entering decoder layer 0, one entry per batch."""
+    captured: list[LayerInput] = []
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        keep = {k: kwargs[k] for k in _LAYER_KWARGS if k in kwargs}
+        captured.append(LayerInput(hidden.detach(), keep, mask[0]))
+        raise _Stop
+
+    handle = adapter.decoder_layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            m = batch.get("attention_mask")
+            mask[0] = m.bool() if m is not None else None
+            try:
+                adapter.model(**batch)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise QavtpError("the calibration set is empty")
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
+    out = []
+    for x in inputs:
+        y = layer(x.hidden, **x.kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        out.append(LayerInput(y, x.kwargs, x.mask))
+    return out
+
+
+@dataclass
+class InputStats:
+    """What one linear layer's input looked like over the calibration set."""
+
+    channel_absmax: torch.Tensor | None = None
+    token_absmax: list[torch.Tensor] = field(default_factory=list)
+    sample: list[torch.Tensor] = field(default_factory=list)
+    n_tokens: int = 0
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None, name: str) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        if mask is not None:
+            x = x[mask.reshape(-1)]
+        if not torch.isfinite(x).all():
+            raise QavtpError(f"non-finite activations at the input of {name} during calibration")
+        a = x.abs()
+        cmax = a.amax(0)
+        self.channel_absmax = cmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, cmax)
+        self.token_absmax.append(a.amax(1))
+        flat = a.reshape(-1)
+        step = max(1, flat.numel() // (_SAMPLE // 8))
+        self.sample.append(flat[::step])
+        self.n_tokens += x.shape[0]
+
+    def summary(self) -> dict:
+        tok = torch.cat(self.token_absmax)
+        vals = torch.cat(self.sample)
+        q = torch.quantile(vals[: 2**24], torch.tensor([p / 100 for p in PERCENTILES]))
+        cm = self.channel_absmax
+        return {
+            "tokens": self.n_tokens,
+            "absmax": float(cm.max()),
+            "argmax_channel": int(cm.argmax()),
+            "channel_absmax_median": float(cm.median()),
+            "outlier_ratio": float(cm.max() / cm.median().clamp_min(1e-12)),
+            "token_absmax_median": float(tok.median()),
+            "token_absmax_max": float(tok.max()),
+            "percentiles": {f"p{p:g}": float(v) for p, v in zip(PERCENTILES, q, strict=True)},
+        }
+
+
+def linear_modules(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    for name, mod in layer.named_modules():
+        if isinstance(mod, nn.Linear):
+            yield name, mod
+
+
+@torch.no_grad()
+def observe_layer(
+    layer: nn.Module, prefix: str, inputs: list[LayerInput], hessians: bool = False
+) -> tuple[dict[str, InputStats], dict[str, HessianAccumulator]]:
+    """Statistics (and GPTQ Hessians) of every linear's input in ``layer``, over ``inputs``.
+
+    Padding positions are excluded, so statistics do not depend on how batches were padded.
+    """
+    stats: dict[str, InputStats] = {}
+    hess: dict[str, HessianAccumulator] = {}
+    current_mask: list[torch.Tensor | None] = [None]
+    handles = []
+    for name, lin in linear_modules(layer):
+        full = f"{prefix}.{name}"
+        stats[full] = InputStats()
+        if hessians:
+            hess[full] = HessianAccumulator(lin.in_features)
+
+        def hook(mod, args, full=full):
+            x = args[0]
+            m = current_mask[0]
+            stats[full].add(x, m, full)
+            if full in hess:
+                hess[full].add(x.reshape(-1, x.shape[-1])[m.reshape(-1)] if m is not None else x)
+
+        handles.append(lin.register_forward_pre_hook(hook))
+    try:
+        for x in inputs:
+            current_mask[0] = x.mask
+            layer(x.hidden, **x.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, hess

@@ -1,0 +1,151 @@
+"""W4A4 calibration end to end on the tiny random LLaVA: transforms, quantization, artifact round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qavtp.calibrate.artifact import fingerprint, load_artifact, read_config
+from qavtp.calibrate.pipeline import calibrate_model, calibration_batches
+from qavtp.calibrate.quantizers import QuantLinear, QuantSpec
+from qavtp.calibrate.run import run_calibration
+from qavtp.calibrate.stats import capture_layer_inputs, observe_layer
+from qavtp.cli import main
+from qavtp.data import load_data
+from qavtp.errors import QavtpError
+from qavtp.evaluate import encode
+from qavtp.models.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_llava_dir):
+    _, processor, _ = load_model(tiny_llava_dir)
+    return calibration_batches(processor, load_data("easy-vqa", "train", limit=12, seed=0), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def probe(tiny_llava_dir, easyvqa_test):
+    _, processor, _ = load_model(tiny_llava_dir)
+    rows = easyvqa_test[:4]
+    return encode(processor, rows["image"], rows["prompt"])
+
+
+def _logits(model, enc):
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_statistics_ignore_padding_and_see_every_linear(tiny_llava_dir, calib):
+    _, _, adapter = load_model(tiny_llava_dir)
+    inputs = capture_layer_inputs(adapter, calib)
+    assert len(inputs) == len(calib)
+    stats, hess = observe_layer(adapter.decoder_layers[0], "layers.0", inputs, hessians=True)
+    names = {n.split(".", 2)[2] for n in stats}
+    assert names == {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
+    real = sum(int(b["attention_mask"].sum()) for b in calib)
+    s = stats["layers.0.self_attn.q_proj"].summary()
+    assert s["tokens"] == real
+    assert s["percentiles"]["p50"] <= s["percentiles"]["p99"] <= s["percentiles"]["p100"] == pytest.approx(s["absmax"])
+    assert hess["layers.0.mlp.down_proj"].hessian().shape == (128, 128)
+
+
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", "quarot"])
+def test_w8a8_stays_close_and_w4a4_degrades(tiny_llava_dir, calib, probe, method):
+    ref_model, _, _ = load_model(tiny_llava_dir)
+    ref = _logits(ref_model, probe)
+    errs = {}
+    for bits in (8, 4):
+        model, _, adapter = load_model(tiny_llava_dir)
+        calibrate_model(adapter, calib, method, QuantSpec(bits, True, 16), QuantSpec(bits, True, 0), progress=False)
+        assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+        errs[bits] = _rel(_logits(model, probe), ref)
+    assert errs[8] < 0.05
+    assert errs[4] > 2 * errs[8]
+
+
+def test_artifact_round_trip_is_exact(tiny_llava_dir, calib, probe, tmp_path):
+    out = run_calibration(
+        tiny_llava_dir,
+        tmp_path / "art",
+        n_samples=8,
+        batch_size=4,
+        method="quarot",
+        wgroup=16,
+        gptq=True,
+        progress=False,
+    )
+    cfg = read_config(out)
+    assert cfg["schema_version"] == 1 and cfg["source"]["fingerprint"] == fingerprint(tiny_llava_dir)
+    assert cfg["options"]["weights"]["bits"] == 4 and cfg["options"]["gptq"] is True
+    assert len(cfg["calibration"]["quantized"]) == 14
+    loaded, _, _, _ = load_artifact(out)
+    again, _, _, _ = load_artifact(out)
+    torch.testing.assert_close(_logits(loaded, probe), _logits(again, probe), rtol=0, atol=0)
+    # Same calibration in memory gives the same model as the one read back.
+    model, processor, adapter = load_model(tiny_llava_dir)
+    torch.manual_seed(0)
+    batches = calibration_batches(processor, load_data("easy-vqa", "train", limit=8, seed=0), 4)
+    calibrate_model(
+        adapter, batches, "quarot", QuantSpec(4, True, 16), QuantSpec(4, True, 0), gptq=True, progress=False
+    )
+    torch.testing.assert_close(_logits(model, probe), _logits(loaded, probe), rtol=0, atol=1e-6)
+
+
+def _one_line_error(result, needle):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], result.output
+
+
+def test_bad_calibration_inputs(tiny_llava_dir, tmp_path):
+    run = CliRunner().invoke
+    base = ["calibrate", str(tiny_llava_dir), "--n-samples", "4", "-o"]
+    _one_line_error(run(main, [*base, str(tmp_path / "a"), "--wbits", "5"]), "bits must be one of 2, 3, 4, 8")
+    _one_line_error(run(main, [*base, str(tmp_path / "a"), "--wgroup", "48"]), "does not divide")
+    _one_line_error(run(main, [*base, str(tmp_path / "a"), "--n-samples", "0"]), "calibration set is empty")
+    (tmp_path / "exists").mkdir()
+    _one_line_error(run(main, [*base, str(tmp_path / "exists")]), "exists; pass --overwrite")
+    assert not list(tmp_path.glob(".a-*")) and not (tmp_path / "a").exists()
+
+
+def test_artifact_from_another_model_or_schema_is_refused(tiny_llava_dir, tmp_path):
+    out = run_calibration(
+        tiny_llava_dir, tmp_path / "art", n_samples=4, batch_size=4, method="rtn", wgroup=16, progress=False
+    )
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["schema_version"] = 99
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QavtpError, match="schema version 99"):
+        load_artifact(out)
+    cfg["schema_version"] = 1
+    cfg["source"]["fingerprint"] = "0" * 16
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QavtpError, match="calibrated from another model"):
+        load_artifact(out)
+
+
+def test_cli_eval_reads_an_artifact(tiny_llava_dir, tmp_path):
+    art = tmp_path / "art"
+    r = CliRunner().invoke(
+        main,
+        ["calibrate", str(tiny_llava_dir), "--n-samples", "4", "--wgroup", "16", "--method", "rtn", "-o", str(art)],
+    )
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["eval", "--artifact", str(art), "--limit", "4"])
+    assert r.exit_code == 0, r.output
+    assert "| **all** | 4 |" in r.output
