@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 from collections import defaultdict
@@ -47,43 +48,116 @@ def choice_ids(tokenizer, choice: str) -> list[int]:
     return tokenizer(choice, add_special_tokens=False).input_ids
 
 
+def _pad(rows: Sequence[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids, mask = [], []
+    for r in rows:
+        fill = [pad] * (width - len(r))
+        ids.append(fill + list(r) if left else list(r) + fill)
+        ones, zeros = [1] * len(r), [0] * (width - len(r))
+        mask.append(zeros + ones if left else ones + zeros)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def image_token_id(processor) -> int | None:
+    tid = getattr(processor, "image_token_id", None)
+    return int(tid) if tid is not None else None
+
+
 @torch.no_grad()
 def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[str]]) -> list[list[float]]:
     """Summed log-probability of every candidate answer after each prompt.
 
-    One forward over the prompts scores every candidate's first token; candidates of several
-    tokens continue from the prompts' KV cache, so a long candidate costs a few tokens, not a
-    second pass over the image.
+    Three passes over a KV cache: (1) each prompt's prefix up to its last visual token, once per
+    distinct image (rows with identical pixels share it: an easy-VQA image has ~10 questions);
+    (2) the rest of each prompt, whose last logits score every candidate's first token; (3) the
+    remaining tokens of multi-token candidates.  Every operation is per token, so this computes
+    exactly what one forward per (prompt, candidate) would.
     """
     tok = processor.tokenizer
+    pad = tok.pad_token_id
     enc = encode(processor, images, texts)
-    out = model(**enc, use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1].float().log_softmax(-1)
+    ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+    pix_row, k = [], 0
+    for im in images:
+        pix_row.append(k if im is not None else None)
+        k += im is not None
+    vis = image_token_id(processor)
+    groups: dict = {}
+    group_of, cut = [], []
+    for r, row in enumerate(ids):
+        last_vis = max((i for i, t in enumerate(row) if t == vis), default=-1)
+        c = min(last_vis + 1, len(row) - 1) if last_vis >= 0 else len(row) - 1
+        if pix_row[r] is None:
+            key = ("row", r)
+        else:
+            key = (hashlib.sha1(enc["pixel_values"][pix_row[r]].numpy().tobytes()).hexdigest(), tuple(row[:c]))
+        group_of.append(groups.setdefault(key, len(groups)))
+        cut.append(c)
+    first_row: dict[int, int] = {}
+    for r, g in enumerate(group_of):
+        first_row.setdefault(g, r)
+    heads = [first_row[g] for g in range(len(groups))]
+
+    # (1) prefixes, one per distinct image
+    p_ids, p_mask = _pad([ids[r][: cut[r]] for r in heads], pad, left=True)
+    kwargs = {}
+    pix = [pix_row[r] for r in heads if pix_row[r] is not None]
+    if pix:
+        kwargs["pixel_values"] = enc["pixel_values"][pix]
+    out = model(
+        input_ids=p_ids,
+        attention_mask=p_mask,
+        position_ids=position_ids(p_mask),
+        use_cache=True,
+        logits_to_keep=1,
+        **kwargs,
+    )
+    cache = out.cache
+    gidx = torch.tensor(group_of)
+    cache.reorder_cache(gidx)
+
+    # (2) the rest of every prompt
+    s_ids, s_mask = _pad([ids[r][cut[r] :] for r in range(len(ids))], pad, left=False)
+    attn = torch.cat([p_mask[gidx], s_mask], 1)
+    start = p_mask.sum(1)[gidx]
+    s_len = s_mask.sum(1)
+    last = (s_len - 1).tolist()
+    keep = sorted(set(last))
+    out = model(
+        input_ids=s_ids,
+        attention_mask=attn,
+        position_ids=start[:, None] + torch.arange(s_ids.shape[1]),
+        cache=cache,
+        logits_to_keep=torch.tensor(keep),
+    )
+    at = torch.tensor([keep.index(i) for i in last])
+    first = out.logits[torch.arange(len(ids)), at].float().log_softmax(-1)
+    cache = out.cache
+
     scores: list[list[float]] = []
     long_pairs: list[tuple[int, int, list[int]]] = []
     for i, cands in enumerate(choices):
         row = []
         for j, c in enumerate(cands):
-            ids = choice_ids(tok, c)
-            row.append(first[i, ids[0]].item())
-            if len(ids) > 1:
-                long_pairs.append((i, j, ids))
+            cids = choice_ids(tok, c)
+            row.append(first[i, cids[0]].item())
+            if len(cids) > 1:
+                long_pairs.append((i, j, cids))
         scores.append(row)
+
+    # (3) the remaining tokens of multi-token candidates
     if long_pairs:
         rows = torch.tensor([i for i, _, _ in long_pairs])
-        cache = out.cache
         cache.reorder_cache(rows)
-        width = max(len(ids) for _, _, ids in long_pairs) - 1
-        feed = torch.full((len(long_pairs), width), tok.pad_token_id)
-        mask = torch.zeros((len(long_pairs), width), dtype=enc["attention_mask"].dtype)
-        for k, (_, _, ids) in enumerate(long_pairs):
-            feed[k, : len(ids) - 1] = torch.tensor(ids[:-1])
-            mask[k, : len(ids) - 1] = 1
-        attn = torch.cat([enc["attention_mask"][rows], mask], 1)
-        pos = enc["position_ids"][rows][:, -1:] + 1 + torch.arange(width)
-        logp = model(input_ids=feed, attention_mask=attn, position_ids=pos, cache=cache).logits.float().log_softmax(-1)
-        for k, (i, j, ids) in enumerate(long_pairs):
-            rest = torch.tensor(ids[1:])
+        c_ids, c_mask = _pad([cids[:-1] for _, _, cids in long_pairs], pad, left=False)
+        attn2 = torch.cat([attn[rows], c_mask], 1)
+        pos2 = (start + s_len)[rows][:, None] + torch.arange(c_ids.shape[1])
+        logp = (
+            model(input_ids=c_ids, attention_mask=attn2, position_ids=pos2, cache=cache).logits.float().log_softmax(-1)
+        )
+        for k, (i, j, cids) in enumerate(long_pairs):
+            rest = torch.tensor(cids[1:])
             scores[i][j] += logp[k, : len(rest)].gather(-1, rest[:, None]).sum().item()
     return scores
 
@@ -120,6 +194,12 @@ def evaluate(
     predictions = []
     model.eval()
     n = len(dataset)
+    keyed = "image_id" in dataset.column_names
+    order = list(range(n))
+    if keyed:
+        # Questions about the same image sit in the same batch and share its prefix (see choice_logprobs).
+        order = sorted(range(n), key=dataset["image_id"].__getitem__)
+        dataset = dataset.select(order)
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = dataset[start : start + batch_size]
         if mode == "loglik":
@@ -132,7 +212,8 @@ def evaluate(
             if t != "all":
                 correct[t].append(ok)
             correct["all"].append(ok)
-            predictions.append({"prediction": p, "answer": a, "correct": bool(ok)})
+            predictions.append({"index": order[len(predictions)], "prediction": p, "answer": a, "correct": bool(ok)})
+    predictions.sort(key=lambda p: p["index"])
     by_type = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(correct.items())}
     return {"accuracy": by_type["all"]["accuracy"], "n": n, "by_type": by_type, "predictions": predictions}
 

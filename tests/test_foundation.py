@@ -161,3 +161,17 @@ def test_text_only_rows_are_scored_without_image(tiny_llava_dir, easyvqa_test):
     scores = choice_logprobs(model, processor, [img, None], ["what shape?", "what shape?"], [list(SHAPES)] * 2)
     assert len(scores) == 2 and scores[0] != scores[1]
     assert isinstance(Image.new("RGB", (2, 2)), Image.Image)
+
+
+def test_rows_sharing_an_image_score_as_if_alone(tiny_llava_dir, easyvqa_test):
+    model, processor, _ = load_model(tiny_llava_dir)
+    same = easyvqa_test.filter(lambda r: r["image_id"] == 3)
+    assert len(same) >= 3
+    rows = same[:3]
+    together = choice_logprobs(model, processor, rows["image"], rows["prompt"], rows["choices"])
+    for i in range(3):
+        alone = choice_logprobs(model, processor, [rows["image"][i]], [rows["prompt"][i]], [rows["choices"][i]])
+        assert together[i] == pytest.approx(alone[0], abs=2e-4)
+        for j, c in enumerate(rows["choices"][i]):
+            full = _full_sequence_logprob(model, processor, rows["image"][i], rows["prompt"][i], c)
+            assert together[i][j] == pytest.approx(full, abs=2e-4)
