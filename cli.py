@@ -147,20 +147,13 @@ def eval_cmd(
     from qavtp.data import load_data, parse_columns
     from qavtp.evaluate import evaluate, markdown_table
     from qavtp.io import atomic_write_json, atomic_write_text
-    from qavtp.models.loading import load_model
 
     if batch_size < 1:
         raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
     torch.manual_seed(seed)
     ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
-    if artifact:
-        from qavtp.calibrate.artifact import load_artifact
-
-        net, processor, _, _ = load_artifact(artifact, model, dtype)
-        model = f"{artifact} ({model or 'source model'})"
-    else:
-        model = model or DEFAULT_MODEL
-        net, processor, _ = load_model(model, dtype, cache_dir)
+    net, processor = _load(model, artifact, dtype, cache_dir)
+    model = f"artifact {artifact}" if artifact else (model or DEFAULT_MODEL)
     t0 = time.time()
     results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode)
     results["seconds"] = round(time.time() - t0, 1)
@@ -175,6 +168,39 @@ def eval_cmd(
         atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "results.md", table)
         click.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+@main.command()
+@click.argument("model", default=None, required=False)
+@click.option("--artifact", type=click.Path(), default=None, help="A calibration artifact to evaluate.")
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--windows", type=int, default=32, show_default=True, help="Number of seq-len windows (0: all).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON here.")
+@cache_option
+def ppl(model, artifact, seq_len, windows, output, cache_dir):
+    """Perplexity of the LLM inside MODEL (or an artifact) on an offline text corpus."""
+    from qavtp.io import atomic_write_json
+    from qavtp.perplexity import perplexity
+
+    net, processor = _load(model, artifact, "fp32", cache_dir)
+    res = perplexity(net, processor.tokenizer, seq_len=seq_len, max_chunks=windows or None)
+    res["model"] = str(artifact or model or DEFAULT_MODEL)
+    click.echo(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens of {res['corpus']}")
+    if output:
+        atomic_write_json(output, res)
+
+
+def _load(model, artifact, dtype, cache_dir):
+    """The model to evaluate: a calibration artifact, a local checkpoint, or the reference model."""
+    if artifact:
+        from qavtp.calibrate.artifact import load_artifact
+
+        net, processor, _, _ = load_artifact(artifact, model, dtype)
+        return net, processor
+    from qavtp.models.loading import load_model
+
+    net, processor, _ = load_model(model or DEFAULT_MODEL, dtype, cache_dir)
+    return net, processor
 
 
 @main.command("train-reference")

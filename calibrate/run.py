@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import time
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -106,6 +107,11 @@ def run_calibration(
             "smooth_alpha": smooth_alpha if method == "smoothquant" else None,
             "seed": seed,
         },
-        "calibration": {**record, "seconds": round(time.time() - t0, 1)},
+        # ru_maxrss is the process's peak resident memory (KiB on Linux): model + one layer's activations.
+        "calibration": {
+            **record,
+            "seconds": round(time.time() - t0, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        },
     }
     return save_artifact(output, net, config, overwrite=overwrite)

@@ -214,16 +214,42 @@ def evaluate(
             correct["all"].append(ok)
             predictions.append({"index": order[len(predictions)], "prediction": p, "answer": a, "correct": bool(ok)})
     predictions.sort(key=lambda p: p["index"])
-    by_type = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(correct.items())}
-    return {"accuracy": by_type["all"]["accuracy"], "n": n, "by_type": by_type, "predictions": predictions}
+    by_type = {
+        t: {"accuracy": sum(v) / len(v), "n": len(v), "ci95": wilson(sum(v), len(v))}
+        for t, v in sorted(correct.items())
+    }
+    return {
+        "accuracy": by_type["all"]["accuracy"],
+        "ci95": by_type["all"]["ci95"],
+        "n": n,
+        "by_type": by_type,
+        "predictions": predictions,
+    }
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """95 % Wilson score interval of an accuracy: honest error bars for small differences."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = hits / n
+    d = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / d
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return [max(0.0, mid - half), min(1.0, mid + half)]
 
 
 def markdown_table(results: dict, title: str = "") -> str:
     """Accuracy overall and per question type, as a Markdown table."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| question type | n | accuracy |", "|---|---:|---:|"]
+    lines += ["| question type | n | accuracy | 95 % CI |", "|---|---:|---:|---:|"]
+
+    def ci(v):
+        return f"{100 * v['ci95'][0]:.1f}–{100 * v['ci95'][1]:.1f}"
+
     for t, v in results["by_type"].items():
         if t != "all":
-            lines.append(f"| {t} | {v['n']} | {100 * v['accuracy']:.2f} % |")
-    lines.append(f"| **all** | {results['n']} | **{100 * results['accuracy']:.2f} %** |")
+            lines.append(f"| {t} | {v['n']} | {100 * v['accuracy']:.2f} % | {ci(v)} |")
+    lines.append(
+        f"| **all** | {results['n']} | **{100 * results['accuracy']:.2f} %** | {ci(results['by_type']['all'])} |"
+    )
     return "\n".join(lines) + "\n"

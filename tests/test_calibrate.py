@@ -149,3 +149,15 @@ def test_cli_eval_reads_an_artifact(tiny_llava_dir, tmp_path):
     r = CliRunner().invoke(main, ["eval", "--artifact", str(art), "--limit", "4"])
     assert r.exit_code == 0, r.output
     assert "| **all** | 4 |" in r.output
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_llava_dir):
+    from qavtp.perplexity import corpus_text, perplexity
+
+    model, processor, adapter = load_model(tiny_llava_dir)
+    assert len(corpus_text()) > 100_000
+    base = perplexity(model, processor.tokenizer, seq_len=64, max_chunks=2, progress=False)
+    assert base["windows"] == 2 and base["tokens"] == 126 and base["perplexity"] > 1
+    adapter.lm_head.weight.data.zero_()  # uniform next-token distribution
+    flat = perplexity(model, processor.tokenizer, seq_len=64, max_chunks=2, progress=False)
+    assert flat["perplexity"] == pytest.approx(model.config.text_config.vocab_size, rel=1e-4)

@@ -27,7 +27,9 @@ def test_stage2_trains_projector_only_and_resumes(tiny_llava_dir, tmp_path):
     assert torch.load(ckpt / "stage2_state.pt", weights_only=True)["step"] == 2
     for k, v in adapter.language_model.state_dict().items():
         assert torch.equal(v, lm_before[k]), f"frozen LLM weight {k} changed"
-    changed = [k for k, v in model.model.multi_modal_projector.state_dict().items() if not torch.equal(v, proj_before[k])]
+    changed = [
+        k for k, v in model.model.multi_modal_projector.state_dict().items() if not torch.equal(v, proj_before[k])
+    ]
     assert changed, "the projector did not train"
 
     # A second run with more steps resumes from the checkpoint instead of starting over.

@@ -1,0 +1,101 @@
+"""Issue-3 table: accuracy, perplexity, calibration time and peak memory per quantization config.
+
+Each config runs as its own `qavtp` process (so peak memory is per config), on the embedded
+reference model unless --model says otherwise:
+
+    python bench/quant_table.py --limit 1000 --out bench/results/quant_table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "FP32": None,
+    "W8A8 RTN (sanity)": ["--method", "rtn", "--wbits", "8", "--abits", "8"],
+    "W4A16 RTN": ["--method", "rtn", "--abits", "16"],
+    "W4A4 RTN": ["--method", "rtn"],
+    "W4A4 SmoothQuant": ["--method", "smoothquant"],
+    "W4A4 QuaRot + RTN": ["--method", "quarot"],
+    "W4A4 QuaRot + GPTQ": ["--method", "quarot", "--gptq"],
+}
+
+
+def qavtp(*args: str) -> None:
+    subprocess.run(["qavtp", *args], check=True, stdout=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollava-easyvqa")
+    ap.add_argument("--limit", type=int, default=1000, help="easy-VQA test questions (0: all 9,673)")
+    ap.add_argument("--wgroup", default="64", help="weight group size (576 = 9 x 64: 128 does not divide it)")
+    ap.add_argument("--n-samples", default="128")
+    ap.add_argument("--windows", default="32", help="perplexity windows of 512 tokens")
+    ap.add_argument("--only", nargs="*", help="run only these config names")
+    ap.add_argument("--work", default="runs/bench")
+    ap.add_argument("--out", default="bench/results/quant_table.md")
+    a = ap.parse_args()
+    work = Path(a.work)
+    rows = []
+    for name, flags in CONFIGS.items():
+        if a.only and name not in a.only:
+            continue
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        target = [a.model]
+        calib = {}
+        if flags is not None:
+            art = work / slug
+            t0 = time.time()
+            qavtp(
+                "calibrate",
+                a.model,
+                *flags,
+                "--wgroup",
+                a.wgroup,
+                "--n-samples",
+                a.n_samples,
+                "-o",
+                str(art),
+                "--overwrite",
+            )
+            cfg = json.loads((art / "config.json").read_text())
+            calib = {
+                "seconds": cfg["calibration"]["seconds"],
+                "rss": cfg["calibration"]["peak_rss_mib"],
+                "wall": time.time() - t0,
+            }
+            target = ["--artifact", str(art)]
+        limit = ["--limit", str(a.limit)] if a.limit else []
+        qavtp("eval", *target, *limit, "-o", str(work / f"{slug}-eval"))
+        qavtp("ppl", *target, "--windows", a.windows, "-o", str(work / f"{slug}-ppl.json"))
+        res = json.loads((work / f"{slug}-eval" / "results.json").read_text())
+        ppl = json.loads((work / f"{slug}-ppl.json").read_text())
+        rows.append((name, res, ppl, calib))
+    types = sorted(k for k in rows[0][1]["by_type"] if k != "all")
+    lines = [
+        f"easy-VQA test ({rows[0][1]['n']} questions, seed 0), log-likelihood scoring; perplexity on "
+        f"{rows[0][2]['corpus']}, {rows[0][2]['tokens']} tokens; weight groups {a.wgroup}, per-token activations.",
+        "",
+        "| config | accuracy | " + " | ".join(types) + " | perplexity | calibration s | peak RSS MiB |",
+        "|---|---:|" + "---:|" * len(types) + "---:|---:|---:|",
+    ]
+    for name, res, ppl, calib in rows:
+        per = " | ".join(f"{100 * res['by_type'][t]['accuracy']:.2f}" for t in types)
+        lines.append(
+            f"| {name} | {100 * res['accuracy']:.2f} | {per} | {ppl['perplexity']:.2f} | "
+            f"{calib.get('seconds', '–')} | {calib.get('rss', '–')} |"
+        )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(table)
+
+
+if __name__ == "__main__":
+    main()
