@@ -46,3 +46,24 @@ def test_stage1_learns_colour_from_image_labels(tiny_llava_dir, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     # Eight colours: chance is 12.5 %; even this 2-layer, 32-wide tower learns colour within two epochs.
     assert rows[-1]["heldout"]["color"] > 0.5
+
+
+def test_packed_conversations_put_loss_on_every_answer(tiny_llava_dir):
+    from qavtp.data.easyvqa import load_easyvqa
+    from qavtp.models.train import _packed_batch, packed_loss
+
+    model, processor, _ = load_model(tiny_llava_dir)
+    ds = load_easyvqa("train")
+    convs = [ds.select(range(0, 4)), ds.select(range(10, 13))]
+    enc, rows, pos, targets = _packed_batch(processor, convs)
+    # One image per conversation, however many questions it holds.
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 2 * 16
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    expected = [t for c in convs for a in c["answer"] for t in tok(a, add_special_tokens=False).input_ids + [end]]
+    assert targets.tolist() == expected
+    # The hidden state at pos predicts the token at pos + 1.
+    assert all(enc["input_ids"][r, p + 1] == t for r, p, t in zip(rows, pos, targets, strict=True))
+    loss = packed_loss(model, enc, rows, pos, targets)
+    loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad is not None

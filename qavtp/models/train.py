@@ -116,6 +116,48 @@ def _answer_batch(processor, rows):
     return enc, keep, labels
 
 
+def _packed_batch(processor, convs):
+    """Multi-turn conversations, one image each: its first question carries the image, later ones
+    follow as further user turns.  The 64 visual tokens are paid once for several answers.
+
+    Returns the model inputs and, per answer token (and its <|im_end|>), the (row, position)
+    whose hidden state predicts it and the token itself.
+    """
+    from qavtp.data.prompts import chat_prompt
+
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    texts, images, answers = [], [], []
+    for rows in convs:
+        parts = []
+        for k, (q, a) in enumerate(zip(rows["prompt"], rows["answer"], strict=True)):
+            parts.append(chat_prompt(processor, q, with_image=k == 0) + a + "<|im_end|>\n")
+        texts.append("".join(parts))
+        images.append(rows["image"][0].convert("RGB"))
+        answers.append([tok(a, add_special_tokens=False).input_ids + [end] for a in rows["answer"]])
+    tok.padding_side = "left"
+    enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    marker = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    rows_idx, pos_idx, targets = [], [], []
+    for b, ids in enumerate(enc["input_ids"].tolist()):
+        starts = [i + len(marker) for i in range(len(ids) - len(marker) + 1) if ids[i : i + len(marker)] == marker]
+        assert len(starts) == len(answers[b]), "chat template and answers disagree"
+        for st, ans in zip(starts, answers[b], strict=True):
+            assert ids[st : st + len(ans)] == ans, "answer tokens differ in context"
+            for j, t in enumerate(ans):
+                rows_idx.append(b)
+                pos_idx.append(st + j - 1)
+                targets.append(t)
+    return enc, torch.tensor(rows_idx), torch.tensor(pos_idx), torch.tensor(targets)
+
+
+def packed_loss(model, enc, rows_idx, pos_idx, targets):
+    hidden = model.model(**enc).last_hidden_state
+    logits = model.lm_head(hidden[rows_idx, pos_idx])
+    return F.cross_entropy(logits.float(), targets)
+
+
 def stage2(
     model,
     processor,
@@ -129,7 +171,14 @@ def stage2(
     eval_every: int = 100,
     heldout_n: int = 200,
     save_every: int = 50,
+    pack: int = 0,
+    name: str = "stage2",
 ) -> None:
+    """Projector (and tower) training through the frozen LLM.
+
+    ``pack`` > 0 trains on multi-turn conversations of up to ``pack`` questions about one image
+    (``batch`` conversations a step), which amortises the image's tokens over several answers.
+    """
     ds = load_easyvqa("train")
     train, held = _split(ds)
     held = held.shuffle(seed=seed).select(range(min(heldout_n, len(held))))
@@ -152,7 +201,7 @@ def stage2(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     start = 0
-    state_file = ckpt / "stage2_state.pt"
+    state_file = ckpt / f"{name}_state.pt"
     if state_file.is_file():
         state = torch.load(state_file, weights_only=True)
         model.load_state_dict(state["model"], strict=False)
@@ -161,17 +210,31 @@ def stage2(
         start = int(state["step"])
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
+    by_image: dict[int, list[int]] = {}
+    for i, im in enumerate(train["image_id"]):
+        by_image.setdefault(im, []).append(i)
+    image_order = sorted(by_image)
+    random.Random(seed + 1).shuffle(image_order)
     t0 = time.time()
-    bar = tqdm(total=steps, initial=start, desc="stage 2: projector through frozen LLM", unit="step")
+    bar = tqdm(total=steps, initial=start, desc=f"{name}: projector through frozen LLM", unit="step")
     running = None
     for step in range(start, steps):
         model.train()
-        idx = [order[(step * batch + k) % len(order)] for k in range(batch)]
-        rows = train[idx]
-        enc, keep, labels = _answer_batch(processor, rows)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(**enc, logits_to_keep=keep).logits[:, :-1]
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        if pack:
+            rng = random.Random(seed * 1_000_003 + step)  # per step, so a resumed run sees the same data
+            convs = []
+            for k in range(batch):
+                qs = by_image[image_order[(step * batch + k) % len(image_order)]]
+                convs.append(train[sorted(rng.sample(qs, min(pack, len(qs))))])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = packed_loss(model, *_packed_batch(processor, convs))
+        else:
+            idx = [order[(step * batch + k) % len(order)] for k in range(batch)]
+            enc, keep, labels = _answer_batch(processor, train[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(**enc, logits_to_keep=keep).logits[:, :-1]
+            flat = logits.float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -181,7 +244,7 @@ def stage2(
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}")
         row = {
-            "stage": 2,
+            "stage": 2 if name == "stage2" else name,
             "step": step + 1,
             "loss": loss.item(),
             "lr": sched.get_last_lr()[0],
@@ -258,14 +321,17 @@ def plot_log(log: Path, png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    s2 = [r for r in rows if r["stage"] == 2]
+    # Every step after stage 1 (stage 2, then any continuation such as packed conversations), in order.
+    s2 = [r for r in rows if r["stage"] != 1]
+    for k, r in enumerate(s2):
+        r["x"] = k + 1
     held = [r for r in s2 if "heldout_acc" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in s2], [r["loss"] for r in s2], lw=0.6, alpha=0.6, label="answer-token loss")
-    ax.set_xlabel("stage-2 step")
+    ax.plot([r["x"] for r in s2], [r["loss"] for r in s2], lw=0.6, alpha=0.6, label="answer-token loss")
+    ax.set_xlabel("step after stage 1")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
-    ax2.plot([r["step"] for r in held], [100 * r["heldout_acc"] for r in held], "o-", c="C1", label="held-out accuracy")
+    ax2.plot([r["x"] for r in held], [100 * r["heldout_acc"] for r in held], "o-", c="C1", label="held-out accuracy")
     ax2.set_ylabel("held-out accuracy (%)")
     ax2.set_ylim(0, 100)
     fig.legend(loc="center right")

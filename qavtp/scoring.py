@@ -1,0 +1,282 @@
+"""Per-visual-token scores for pruning: semantic relevance, quantization sensitivity, ablation metrics, fusion.
+
+Every scorer returns a float tensor ``[B, N]`` (N visual tokens per image); higher means more worth keeping,
+except that the sensitivity scores only say how *sensitive* a token is: whether sensitive tokens are kept
+or dropped is the ``direction`` of :func:`fuse`.
+
+Attention scores are computed explicitly for the one scoring layer, from that layer's input hidden states,
+so they work whatever attention kernel (eager, SDPA, flash) the model itself runs: those kernels never
+materialise the attention weights that ``output_attentions`` would need.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor, nn
+
+from qavtp.calibrate.quantizers import QuantSpec, quant_error
+from qavtp.errors import QavtpError
+
+SCORERS: dict[str, str] = {
+    "semantic": "attention of the last prompt token to each visual token at decoder layer K (FastV)",
+    "cls": "[CLS] -> patch attention in the vision tower (FasterVLM / VisionZip)",
+    "qerror": "simulated group-wise activation quantization error of each visual token",
+    "outlier": "outlier intensity: channel range, or max |x| over the calibrated median channel absmax",
+    "hybrid": "beta * norm(qerror) + (1 - beta) * norm(outlier)",
+    "qavtp": "alpha * norm(semantic) + (1 - alpha) * direction * norm(hybrid)",
+    "linf": "L-infinity norm of each visual token",
+    "l1": "L1 norm of each visual token",
+    "l2": "L2 norm of each visual token",
+    "variance": "variance over the channels of each visual token",
+    "random": "uniform random scores (seeded)",
+}
+
+NORMS = ("minmax", "zscore")
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook to end a forward pass once the wanted inputs are captured."""
+
+
+def check_scorer(name: str) -> str:
+    if name not in SCORERS:
+        raise QavtpError(f"unknown scorer {name!r}; valid: {', '.join(SCORERS)}")
+    return name
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def gather_visual(hidden: Tensor, visual_mask: Tensor) -> Tensor:
+    """The visual positions of ``hidden [B, L, D]`` as ``[B, N, D]`` (every sample must hold N of them)."""
+    counts = visual_mask.sum(1)
+    if counts.numel() == 0 or int(counts.min()) == 0:
+        raise QavtpError("every sample needs visual tokens to score, but a sample has none")
+    if int(counts.max()) != int(counts.min()):
+        raise QavtpError(f"samples hold different numbers of visual tokens: {sorted(set(counts.tolist()))}")
+    return hidden[visual_mask].reshape(hidden.shape[0], int(counts[0]), *hidden.shape[2:])
+
+
+def check_layer(n_layers: int, layer_idx: int, what: str = "decoder") -> int:
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < n_layers:
+        raise QavtpError(f"layer K={layer_idx} is beyond the model's {n_layers} {what} layers")
+    return layer_idx
+
+
+@torch.no_grad()
+def capture_inputs(model_call, layer: nn.Module) -> tuple[Tensor, dict]:
+    """Run ``model_call()`` until ``layer`` is reached; return its input hidden states and keyword arguments.
+
+    The pass stops there, so layers after the wanted one cost nothing.
+    """
+    box: dict = {}
+
+    def hook(module, args, kwargs):
+        box["hidden"] = args[0] if args else kwargs["hidden_states"]
+        box["kwargs"] = dict(kwargs)
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model_call()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "hidden" not in box:
+        raise QavtpError("the forward pass never reached the requested layer")
+    return box["hidden"], box["kwargs"]
+
+
+def model_inputs(enc) -> dict:
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values")
+    return {k: enc[k] for k in keys if k in enc and enc[k] is not None}
+
+
+@torch.no_grad()
+def hidden_states_at(adapter, enc, layer_idx: int) -> Tensor:
+    """Hidden states ``[B, L, D]`` entering decoder layer ``layer_idx`` (0: the embeddings, visual tokens included)."""
+    layers = adapter.decoder_layers
+    k = check_layer(len(layers), layer_idx)
+    # No KV cache: nothing after layer K runs, and a cache would only hold memory.
+    hidden, _ = capture_inputs(lambda: adapter.model(**model_inputs(enc), use_cache=False), layers[k])
+    return hidden
+
+
+def _rope_fn(attn: nn.Module):
+    """The architecture's own ``apply_rotary_pos_emb`` (from the attention module's source), else LLaMA's."""
+    mod = importlib.import_module(type(attn).__module__)
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as fn
+    return fn
+
+
+# ----------------------------------------------------------------------------------------- semantic
+
+
+@torch.no_grad()
+def text_attention(
+    adapter,
+    hidden_in: Tensor,
+    layer_idx: int,
+    attention_mask: Tensor | None,
+    position_ids: Tensor | None,
+    visual_mask: Tensor,
+) -> Tensor:
+    """Attention of the last prompt token to each visual token at decoder layer K, averaged over heads: ``[B, N]``.
+
+    ``hidden_in`` is the input of layer K (see :func:`hidden_states_at`); ``attention_mask`` the ``[B, L]``
+    padding mask; ``position_ids`` ``[B, L]``. Only the last query row is computed: it is all FastV uses.
+    """
+    layers = adapter.decoder_layers
+    layer = layers[check_layer(len(layers), layer_idx)]
+    attn = layer.self_attn
+    B, L, _ = hidden_in.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, L, dtype=torch.long, device=hidden_in.device)
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    h = layer.input_layernorm(hidden_in)
+    head_dim = attn.head_dim
+    q = attn.q_proj(h[:, -1:]).view(B, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, hd]
+    k = attn.k_proj(h).view(B, L, -1, head_dim).transpose(1, 2)  # [B, H_kv, L, hd]
+    # Some architectures (Qwen3, OLMo2) normalise q and k per head before RoPE.
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = adapter.language_model.rotary_emb(h, position_ids)
+    rope = _rope_fn(attn)
+    # Query and keys sit at different positions, so each gets its own rotation (the function rotates two
+    # tensors with the same phases; the second output is discarded).
+    q = rope(q, q, cos[:, -1:], sin[:, -1:])[0]
+    k = rope(k, k, cos, sin)[0]
+    n_rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1)  # GQA: each KV head serves n_rep query heads
+    scaling = getattr(attn, "scaling", head_dim**-0.5)
+    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * scaling  # [B, H, L]
+    # The last token may see every earlier position (causal), but never padding.
+    logits = logits.masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
+    probs = logits.softmax(-1).mean(1)  # [B, L]
+    return gather_visual(probs, visual_mask)
+
+
+def _vision_tower(adapter) -> nn.Module:
+    tower = getattr(adapter, "vision_tower", None)
+    if tower is None:
+        inner = getattr(adapter.model, "model", adapter.model)
+        tower = getattr(inner, "vision_tower", None)
+    if tower is None:
+        raise QavtpError(f"{type(adapter).__name__} exposes no vision tower for [CLS] attention")
+    return tower
+
+
+@torch.no_grad()
+def cls_attention(adapter, pixel_values: Tensor, layer: int = -2) -> Tensor:
+    """[CLS] -> patch attention at vision-tower encoder layer ``layer``, averaged over heads: ``[B, N_patches]``."""
+    tower = _vision_tower(adapter)
+    body = getattr(tower, "vision_model", tower)  # transformers 4.x nests a vision_model; 5.x does not
+    enc_layers = body.encoder.layers
+    n = len(enc_layers)
+    idx = layer + n if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0 else layer
+    check_layer(n, idx, "vision-tower")
+    block = enc_layers[idx]
+    dtype = next(tower.parameters()).dtype
+    hidden, kwargs = capture_inputs(lambda: tower(pixel_values.to(dtype)), block)
+    attn = block.self_attn
+    h = block.layer_norm1(hidden)
+    B, T, _ = h.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(h[:, :1]).view(B, 1, heads, head_dim).transpose(1, 2)  # the [CLS] query only
+    k = attn.k_proj(h).view(B, T, heads, head_dim).transpose(1, 2)
+    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scale  # [B, heads, T]
+    mask = kwargs.get("attention_mask")
+    if mask is not None:  # CLIP's vision tower passes none; an additive mask would apply here
+        logits = logits + mask[:, :, 0].float()
+    return logits.softmax(-1).mean(1)[:, 1:]
+
+
+# -------------------------------------------------------------------------------------- sensitivity
+
+
+def quant_error_score(X: Tensor, spec: QuantSpec, relative: bool = True) -> Tensor:
+    """Per-token error of the deployed activation quantizer on ``X [B, N, D]``: ``[B, N]``."""
+    return quant_error(X, spec, relative=relative)
+
+
+def outlier_intensity(X: Tensor, channel_absmax: Tensor | None = None) -> Tensor:
+    """How extreme each token is: ``max_c |x_c| / median(channel_absmax)`` given calibration statistics,
+    else the paper's channel range ``max_c x_c - min_c x_c``."""
+    Xf = X.float()
+    if channel_absmax is None:
+        return Xf.amax(-1) - Xf.amin(-1)
+    if channel_absmax.shape != (X.shape[-1],):
+        raise QavtpError(f"channel absmax has shape {tuple(channel_absmax.shape)}, expected ({X.shape[-1]},)")
+    med = channel_absmax.float().median().clamp_min(1e-12)
+    return Xf.abs().amax(-1) / med.to(Xf.device)
+
+
+def hybrid_sensitivity(eq: Tensor, o: Tensor, beta: float, norm: str = "minmax") -> Tensor:
+    """``beta * norm(eq) + (1 - beta) * norm(o)``."""
+    _check_unit("beta", beta)
+    return beta * normalize(eq, norm) + (1 - beta) * normalize(o, norm)
+
+
+# ------------------------------------------------------------------------------------------ ablation
+
+
+def linf(X: Tensor) -> Tensor:
+    return X.float().abs().amax(-1)
+
+
+def l1(X: Tensor) -> Tensor:
+    return X.float().abs().sum(-1)
+
+
+def l2(X: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(X.float(), dim=-1)
+
+
+def variance(X: Tensor) -> Tensor:
+    return X.float().var(-1, unbiased=False)
+
+
+def random_scores(shape: tuple[int, ...] | torch.Size, seed: int = 0) -> Tensor:
+    # A private generator: the global RNG stays untouched and the same seed gives the same scores.
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(tuple(shape), generator=gen)
+
+
+# ----------------------------------------------------------------------------------- normalise, fuse
+
+
+def normalize(s: Tensor, kind: str = "minmax") -> Tensor:
+    """Normalise scores over the N tokens of each image (the last dimension); a constant row becomes zeros."""
+    s = s.float()
+    if kind == "minmax":
+        lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
+        span = hi - lo
+        return torch.where(span > 0, (s - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(s))
+    if kind == "zscore":
+        mean, std = s.mean(-1, keepdim=True), s.std(-1, keepdim=True, unbiased=False)
+        return torch.where(std > 0, (s - mean) / torch.where(std > 0, std, 1.0), torch.zeros_like(s))
+    raise QavtpError(f"unknown normalisation {kind!r}; valid: {', '.join(NORMS)}")
+
+
+def fuse(sem: Tensor, sens: Tensor, alpha: float, direction: int = 1, norm: str = "minmax") -> Tensor:
+    """``alpha * norm(sem) + (1 - alpha) * direction * norm(sens)``.
+
+    ``direction = +1`` keeps sensitive (outlier) tokens, as the paper does; ``-1`` prefers robust ones.
+    """
+    _check_unit("alpha", alpha)
+    if direction not in (1, -1):
+        raise QavtpError(f"direction must be +1 (keep sensitive tokens) or -1 (keep robust ones), got {direction}")
+    if sem.shape != sens.shape:
+        raise QavtpError(f"semantic scores {tuple(sem.shape)} and sensitivity {tuple(sens.shape)} differ in shape")
+    return alpha * normalize(sem, norm) + (1 - alpha) * direction * normalize(sens, norm)
+
+
+def _check_unit(name: str, v: float) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+        raise QavtpError(f"{name} must lie in [0, 1], got {v}")
