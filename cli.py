@@ -215,24 +215,24 @@ def _load(model, artifact, dtype, cache_dir):
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Where the trained weights go (default: the package's assets).",
+    help="Weights file (default WORK_DIR/smollava_vision_projector.safetensors; copy it to qavtp/assets/ to ship).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stage1-epochs", type=int, default=12, show_default=True)
-@click.option("--stage2-steps", type=int, default=450, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-def train_reference_cmd(work_dir, out, seed, stage1_epochs, stage2_steps, batch_size):
+@click.option("--stage2-steps", type=int, default=100, show_default=True, help="Single-question steps (batch 16).")
+@click.option("--packed-steps", type=int, default=500, show_default=True, help="Multi-turn steps (4 images x 6 q).")
+def train_reference_cmd(work_dir, out, seed, stage1_epochs, stage2_steps, packed_steps):
     """Train the reference model's vision tower and projector on easy-VQA (SmolLM2 frozen)."""
     from qavtp.models import reference
     from qavtp.models.train import train_reference
 
     path = train_reference(
-        out=Path(out) if out else reference.WEIGHTS,
+        out=Path(out) if out else Path(work_dir) / reference.WEIGHTS.name,
         work=Path(work_dir),
         seed=seed,
         stage1_epochs=stage1_epochs,
         stage2_steps=stage2_steps,
-        batch=batch_size,
+        packed_steps=packed_steps,
     )
     click.echo(f"wrote {path}")
 

@@ -173,11 +173,14 @@ def stage2(
     save_every: int = 50,
     pack: int = 0,
     name: str = "stage2",
+    schedule_steps: int | None = None,
 ) -> None:
     """Projector (and tower) training through the frozen LLM.
 
     ``pack`` > 0 trains on multi-turn conversations of up to ``pack`` questions about one image
     (``batch`` conversations a step), which amortises the image's tokens over several answers.
+    ``schedule_steps`` (default ``steps``) is the length of the warm-up + cosine schedule, so a
+    run can stop before its schedule ends.
     """
     ds = load_easyvqa("train")
     train, held = _split(ds)
@@ -192,12 +195,13 @@ def stage2(
     if tower_lr > 0:
         groups.append({"params": list(tower.parameters()), "lr": tower_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    warm = min(50, steps // 10 + 1)
+    total = schedule_steps or steps
+    warm = min(50, total // 10 + 1)
 
     def lr_factor(step):
         if step < warm:
             return (step + 1) / warm
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     start = 0
@@ -279,12 +283,20 @@ def train_reference(
     out: Path = reference.WEIGHTS,
     work: Path = Path("runs/reference"),
     seed: int = 0,
-    stage1_epochs: int = 15,
-    stage2_steps: int = 1500,
+    stage1_epochs: int = 12,
+    stage2_steps: int = 100,
+    stage2_schedule: int = 450,
+    packed_steps: int = 500,
+    pack: int = 6,
     batch: int = 16,
+    packed_batch: int = 4,
     lr: float = 1e-3,
     tower_lr: float = 1e-4,
 ) -> Path:
+    """The recipe that produced the shipped weights (see README): stage 1, then stage 2 on single
+    questions (stopped at ``stage2_steps`` of a ``stage2_schedule``-step schedule), then packed
+    multi-turn conversations.  Each stage resumes from its checkpoint in ``work``.
+    """
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(seed)
@@ -301,12 +313,41 @@ def train_reference(
     else:
         stage1(model, processor, log, stage1_epochs, seed)
         save_file(reference.trainable_state(model), str(s1))
-    stage2(model, processor, log, stage2_steps, seed, work, batch=batch, lr=lr, tower_lr=tower_lr)
+    packed_state = work / "stage2b_state.pt"
+    if not packed_state.is_file():
+        stage2(
+            model,
+            processor,
+            log,
+            stage2_steps,
+            seed,
+            work,
+            batch=batch,
+            lr=lr,
+            tower_lr=tower_lr,
+            schedule_steps=stage2_schedule,
+        )
+    if packed_steps:
+        if not packed_state.is_file():
+            s2 = torch.load(work / "stage2_state.pt", weights_only=True)
+            model.load_state_dict(s2["model"], strict=False)
+        stage2(
+            model,
+            processor,
+            log,
+            packed_steps,
+            seed,
+            work,
+            batch=packed_batch,
+            lr=lr,
+            tower_lr=tower_lr,
+            pack=pack,
+            name="stage2b",
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    save_file(
-        reference.trainable_state(model), str(tmp), metadata={"seed": str(seed), "stage2_steps": str(stage2_steps)}
-    )
+    meta = {"seed": str(seed), "stage2_steps": str(stage2_steps), "packed_steps": str(packed_steps)}
+    save_file(reference.trainable_state(model), str(tmp), metadata=meta)
     tmp.replace(out)
     shutil.copy(log, out.parent / "smollava_train_log.jsonl")
     plot_log(log, out.parent / "smollava_training.png")
