@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, pack_int4, unpack_int4
 from qavtp.calibrate.rotation import install_online_transforms
 from qavtp.errors import QavtpError
+from qavtp.io import atomic_dir
 
 SCHEMA_VERSION = 1
 CONFIG = "config.json"
@@ -62,18 +61,10 @@ def save_artifact(out_dir: str | os.PathLike, model: torch.nn.Module, config: di
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(_stored_state(model), str(tmp / WEIGHTS))
         full = {"schema_version": SCHEMA_VERSION, **config}
         (tmp / CONFIG).write_text(json.dumps(full, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from qavtp.errors import QavtpError
+from qavtp.io import atomic_dir
 
 NAME = "smollava-easyvqa"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -173,15 +172,7 @@ def assemble(cache_dir: str | os.PathLike | None = None, weights: Path = WEIGHTS
     if missing:
         raise QavtpError(f"reference weights {weights} lack {len(missing)} tensors, e.g. {missing[0]}")
     model.load_state_dict(state, strict=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
