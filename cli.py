@@ -56,7 +56,12 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("--method", type=click.Choice(["rtn", "smoothquant", "quarot"]), default="quarot", show_default=True)
 @click.option("--wbits", type=int, default=4, show_default=True, help="Weight bits: 2, 3, 4 or 8.")
 @click.option("--abits", type=int, default=4, show_default=True, help="Activation bits: 2, 3, 4, 8, or 16 (off).")
-@click.option("--wgroup", type=int, default=128, show_default=True, help="Weight group size (0: per channel).")
+@click.option(
+    "--wgroup",
+    default="auto",
+    show_default=True,
+    help="Weight group size, 0 for per channel; auto: 128, or the largest of 64/32/16 that divides every width.",
+)
 @click.option("--agroup", type=int, default=0, show_default=True, help="Activation group size (0: per token).")
 @click.option("--wasym", is_flag=True, help="Asymmetric weights (default symmetric).")
 @click.option("--aasym", is_flag=True, help="Asymmetric activations (default symmetric).")

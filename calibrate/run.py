@@ -25,6 +25,14 @@ def quant_specs(
     return wspec, aspec
 
 
+def auto_group(adapter, preferred: tuple[int, ...] = (128, 64, 32, 16)) -> int:
+    """The largest preferred group size that divides every decoder linear's input width (else 0)."""
+    from qavtp.calibrate.stats import linear_modules
+
+    widths = {lin.in_features for _, lin in linear_modules(adapter.decoder_layers[0])}
+    return next((g for g in preferred if all(w % g == 0 for w in widths)), 0)
+
+
 def check_groups(adapter, wspec: QuantSpec, aspec: QuantSpec | None) -> None:
     """Every decoder linear's input width must split into whole groups; say so before any work."""
     from qavtp.calibrate.stats import linear_modules
@@ -49,7 +57,7 @@ def run_calibration(
     method: str = "quarot",
     wbits: int = 4,
     abits: int = 4,
-    wgroup: int = 128,
+    wgroup: int | str = "auto",
     agroup: int = 0,
     wsym: bool = True,
     asym: bool = True,
@@ -73,10 +81,18 @@ def run_calibration(
         raise QavtpError(f"output directory {output} exists; pass --overwrite to replace it")
     if not 0 < smooth_alpha <= 1:
         raise QavtpError(f"--smooth-alpha must lie in (0, 1], got {smooth_alpha}")
-    wspec, aspec = quant_specs(wbits, abits, wgroup, agroup, wsym, asym, aclip)
+    if wgroup != "auto":
+        try:
+            wgroup = int(wgroup)
+        except ValueError:
+            raise QavtpError(f"--wgroup must be an integer or 'auto', got {wgroup!r}") from None
+    quant_specs(wbits, abits, 0 if wgroup == "auto" else wgroup, agroup, wsym, asym, aclip)  # fail fast
     torch.manual_seed(seed)
     path = resolve(model, cache_dir)
     net, processor, adapter = load_model(path)
+    if wgroup == "auto":
+        wgroup = auto_group(adapter)
+    wspec, aspec = quant_specs(wbits, abits, wgroup, agroup, wsym, asym, aclip)
     check_groups(adapter, wspec, aspec)
     ds = load_data(data_spec, "train", limit=n_samples, seed=seed)
     batches = calibration_batches(processor, ds, batch_size)

@@ -161,3 +161,10 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_llava_dir):
     adapter.lm_head.weight.data.zero_()  # uniform next-token distribution
     flat = perplexity(model, processor.tokenizer, seq_len=64, max_chunks=2, progress=False)
     assert flat["perplexity"] == pytest.approx(model.config.text_config.vocab_size, rel=1e-4)
+
+
+def test_auto_group_size_divides_every_width(tiny_llava_dir, tmp_path):
+    out = run_calibration(tiny_llava_dir, tmp_path / "art", n_samples=4, batch_size=4, method="rtn", progress=False)
+    assert read_config(out)["options"]["weights"]["group_size"] == 64  # widths 64 and 128: 128 does not fit
+    with pytest.raises(QavtpError, match="--wgroup must be an integer or 'auto'"):
+        run_calibration(tiny_llava_dir, tmp_path / "b", wgroup="big", progress=False)
