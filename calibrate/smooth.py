@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qavtp.calibrate.rotation import norm_groups
+from qavtp.calibrate.stats import capture_layer_inputs, observe_layer, run_layer
 from qavtp.errors import QavtpError
 from qavtp.models.base import Adapter
 
@@ -75,40 +76,13 @@ def collect_input_absmax(adapter: Adapter, batches: Iterable[Mapping]) -> dict[s
     """Per-input-channel absmax of every ``nn.Linear`` in the decoder layers, over all real tokens.
 
     ``batches`` yields keyword arguments for the model's forward (e.g. ``qavtp.evaluate.encode``
-    output). Positions masked out by ``attention_mask`` (padding) are skipped.
+    output); padding positions are skipped. Layer by layer, with the same machinery as the
+    calibration statistics.
     """
-    stats: dict[str, torch.Tensor] = {}
-    mask: list[torch.Tensor | None] = [None]
-
-    def hook(name: str):
-        def fn(_module: nn.Module, inputs: tuple, _output) -> None:
-            x = inputs[0].detach()
-            m = mask[0]
-            if m is not None and m.shape == x.shape[:-1]:
-                x = x[m.to(x.device)]
-            if x.numel() == 0:
-                return
-            cur = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
-            stats[name] = cur if name not in stats else torch.maximum(stats[name], cur)
-
-        return fn
-
-    handles = [
-        mod.register_forward_hook(hook(f"layers.{name}"))
-        for name, mod in adapter.decoder_layers.named_modules()
-        if isinstance(mod, nn.Linear)
-    ]
-    try:
-        for batch in batches:
-            kwargs = dict(batch)
-            am = kwargs.get("attention_mask")
-            mask[0] = am.bool() if am is not None else None
-            # Only the hidden states matter: skip the full-vocabulary head on every position.
-            kwargs.setdefault("logits_to_keep", 1)
-            adapter.model(**kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    if not stats:
-        raise QavtpError("no activation statistics collected: the batches were empty")
-    return stats
+    inputs = capture_layer_inputs(adapter, batches)
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(adapter.decoder_layers):
+        stats, _ = observe_layer(layer, f"layers.{i}", inputs)
+        out.update({name: st.channel_absmax for name, st in stats.items()})
+        inputs = run_layer(layer, inputs)
+    return out
