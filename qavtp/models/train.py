@@ -286,7 +286,7 @@ def train_reference(
     stage1_epochs: int = 12,
     stage2_steps: int = 100,
     stage2_schedule: int = 450,
-    packed_steps: int = 500,
+    packed_steps: int = 800,
     pack: int = 6,
     batch: int = 16,
     packed_batch: int = 4,
