@@ -225,7 +225,7 @@ def _load(model, artifact, dtype, cache_dir):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--stage1-epochs", type=int, default=12, show_default=True)
 @click.option("--stage2-steps", type=int, default=100, show_default=True, help="Single-question steps (batch 16).")
-@click.option("--packed-steps", type=int, default=800, show_default=True, help="Multi-turn steps (4 images x 6 q).")
+@click.option("--packed-steps", type=int, default=400, show_default=True, help="Multi-turn steps (4 images x 6 q).")
 def train_reference_cmd(work_dir, out, seed, stage1_epochs, stage2_steps, packed_steps):
     """Train the reference model's vision tower and projector on easy-VQA (SmolLM2 frozen)."""
     from qavtp.models import reference

@@ -34,7 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollava-easyvqa")
     ap.add_argument("--limit", type=int, default=1000, help="easy-VQA test questions (0: all 9,673)")
-    ap.add_argument("--wgroup", default="auto", help="weight group size (auto: 64 on the reference model, 576 = 9 x 64)")
+    ap.add_argument(
+        "--wgroup", default="auto", help="weight group size (auto: 64 on the reference model, 576 = 9 x 64)"
+    )
     ap.add_argument("--n-samples", default="128")
     ap.add_argument("--windows", default="32", help="perplexity windows of 512 tokens")
     ap.add_argument("--only", nargs="*", help="run only these config names")

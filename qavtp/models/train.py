@@ -286,7 +286,8 @@ def train_reference(
     stage1_epochs: int = 12,
     stage2_steps: int = 100,
     stage2_schedule: int = 450,
-    packed_steps: int = 800,
+    packed_steps: int = 400,
+    packed_schedule: int = 800,
     pack: int = 6,
     batch: int = 16,
     packed_batch: int = 4,
@@ -295,7 +296,8 @@ def train_reference(
 ) -> Path:
     """The recipe that produced the shipped weights (see README): stage 1, then stage 2 on single
     questions (stopped at ``stage2_steps`` of a ``stage2_schedule``-step schedule), then packed
-    multi-turn conversations.  Each stage resumes from its checkpoint in ``work``.
+    multi-turn conversations (stopped at ``packed_steps`` of ``packed_schedule``): the held-out
+    accuracy had plateaued there.  Each stage resumes from its checkpoint in ``work``.
     """
     from safetensors.torch import load_file, save_file
 
@@ -343,6 +345,7 @@ def train_reference(
             tower_lr=tower_lr,
             pack=pack,
             name="stage2b",
+            schedule_steps=packed_schedule,
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
