@@ -73,51 +73,11 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
 @cache_option
-def calibrate(
-    model,
-    data_spec,
-    n_samples,
-    batch_size,
-    method,
-    wbits,
-    abits,
-    wgroup,
-    agroup,
-    wasym,
-    aasym,
-    aclip,
-    gptq,
-    clip_search,
-    smooth_alpha,
-    seed,
-    output,
-    overwrite,
-    cache_dir,
-):
+def calibrate(model, output, wasym, aasym, data_spec, **options):
     """Calibrate MODEL to W{wbits}A{abits} and write a quantization artifact."""
     from qavtp.calibrate.run import run_calibration
 
-    out = run_calibration(
-        model,
-        output,
-        data_spec=data_spec,
-        n_samples=n_samples,
-        batch_size=batch_size,
-        method=method,
-        wbits=wbits,
-        abits=abits,
-        wgroup=wgroup,
-        agroup=agroup,
-        wsym=not wasym,
-        asym=not aasym,
-        aclip=aclip,
-        gptq=gptq,
-        clip_search=clip_search,
-        smooth_alpha=smooth_alpha,
-        seed=seed,
-        overwrite=overwrite,
-        cache_dir=cache_dir,
-    )
+    out = run_calibration(model, output, data_spec=data_spec, wsym=not wasym, asym=not aasym, **options)
     click.echo(f"wrote {out}")
 
 

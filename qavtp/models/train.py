@@ -378,7 +378,7 @@ def plot_log(log: Path, png: Path) -> Path:
     ax2.plot([r["x"] for r in held], [100 * r["heldout_acc"] for r in held], "o-", c="C1", label="held-out accuracy")
     ax2.set_ylabel("held-out accuracy (%)")
     ax2.set_ylim(0, 100)
-    fig.legend(loc="center right")
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.88))
     ax.set_title("smollava-easyvqa: projector alignment through frozen SmolLM2-135M")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
