@@ -91,3 +91,25 @@ def test_interrupted_write_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         reference.assemble(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_rotation_and_smoothing_preserve_the_reference_model(reference_dir):
+    """Before quantization the transformed model computes the same function (issue 3's check)."""
+    import torch
+
+    from qavtp.calibrate.rotation import rotate_model
+    from qavtp.calibrate.smooth import collect_input_absmax, smooth_model
+    from qavtp.evaluate import encode
+
+    ds = load_data("easy-vqa", "test", limit=4, seed=1)
+    model, processor, adapter = load_model(reference_dir)
+    enc = encode(processor, ds["image"], ds["prompt"])
+    with torch.no_grad():
+        ref = model(**enc).logits[:, -8:]
+        rotate_model(adapter, seed=0)
+        rotated = model(**enc).logits[:, -8:]
+        smooth_model(adapter, collect_input_absmax(adapter, [enc]), alpha=0.5)
+        smoothed = model(**enc).logits[:, -8:]
+    scale = ref.abs().max()
+    assert (rotated - ref).abs().max() / scale < 1e-3
+    assert (smoothed - ref).abs().max() / scale < 1e-3
