@@ -99,12 +99,28 @@ def calibrate(model, output, wasym, aasym, data_spec, **options):
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--mode", type=click.Choice(["loglik", "generate"]), default="loglik", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--retain", type=float, default=None, help="Keep this fraction of visual tokens, in (0, 1].")
+@click.option("--scorer", default="semantic", show_default=True, help="Token scorer for --retain.")
 @click.option(
     "-o", "--output", type=click.Path(file_okay=False), default=None, help="Directory for results.json and results.md."
 )
 @cache_option
 def eval_cmd(
-    model, artifact, data_spec, split, columns, keep_no_image, limit, seed, batch_size, mode, dtype, output, cache_dir
+    model,
+    artifact,
+    data_spec,
+    split,
+    columns,
+    keep_no_image,
+    limit,
+    seed,
+    batch_size,
+    mode,
+    dtype,
+    retain,
+    scorer,
+    output,
+    cache_dir,
 ):
     """Accuracy of MODEL (a local LLaVA directory or smollava-easyvqa) on a VQA data set."""
     import torch
@@ -115,17 +131,33 @@ def eval_cmd(
 
     if batch_size < 1:
         raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
+    if retain is not None:
+        from qavtp.pruning import check_ratio
+        from qavtp.scoring import check_scorer
+
+        check_ratio(retain)
+        check_scorer(scorer)
     torch.manual_seed(seed)
     ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
-    net, processor = _load(model, artifact, dtype, cache_dir)
+    net, processor, adapter = _load(model, artifact, dtype, cache_dir)
     model = f"artifact {artifact}" if artifact else (model or DEFAULT_MODEL)
+    prune = (adapter, scorer, retain) if retain is not None else None
     t0 = time.time()
-    results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode)
+    results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode, prune=prune)
     results["seconds"] = round(time.time() - t0, 1)
     results["config"] = dict(
-        model=str(model), data=data_spec, split=split, limit=limit, seed=seed, mode=mode, dtype=dtype
+        model=str(model),
+        data=data_spec,
+        split=split,
+        limit=limit,
+        seed=seed,
+        mode=mode,
+        dtype=dtype,
+        retain=retain,
+        scorer=scorer if retain is not None else None,
     )
-    title = f"{model} on {data_spec} ({split}, n={results['n']}, {mode}, {dtype})"
+    pruning = f", retain {retain} by {scorer}" if retain is not None else ""
+    title = f"{model} on {data_spec} ({split}, n={results['n']}, {mode}, {dtype}{pruning})"
     table = markdown_table(results, title)
     click.echo(table)
     if output:
@@ -147,7 +179,7 @@ def ppl(model, artifact, seq_len, windows, output, cache_dir):
     from qavtp.io import atomic_write_json
     from qavtp.perplexity import perplexity
 
-    net, processor = _load(model, artifact, "fp32", cache_dir)
+    net, processor, _ = _load(model, artifact, "fp32", cache_dir)
     res = perplexity(net, processor.tokenizer, seq_len=seq_len, max_chunks=windows or None)
     res["model"] = str(artifact or model or DEFAULT_MODEL)
     click.echo(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens of {res['corpus']}")
@@ -160,12 +192,11 @@ def _load(model, artifact, dtype, cache_dir):
     if artifact:
         from qavtp.calibrate.artifact import load_artifact
 
-        net, processor, _, _ = load_artifact(artifact, model, dtype)
-        return net, processor
+        net, processor, adapter, _ = load_artifact(artifact, model, dtype)
+        return net, processor, adapter
     from qavtp.models.loading import load_model
 
-    net, processor, _ = load_model(model or DEFAULT_MODEL, dtype, cache_dir)
-    return net, processor
+    return load_model(model or DEFAULT_MODEL, dtype, cache_dir)
 
 
 @main.command("train-reference")

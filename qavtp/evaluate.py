@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qavtp.data.prompts import chat_prompt
+from qavtp.errors import QavtpError
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -133,8 +134,13 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
     )
     at = torch.tensor([keep.index(i) for i in last])
     first = out.logits[torch.arange(len(ids)), at].float().log_softmax(-1)
-    cache = out.cache
+    return _score_candidates(model, tok, first, out.cache, attn, start + s_len, choices)
 
+
+def _score_candidates(model, tok, first, cache, attn, next_pos, choices) -> list[list[float]]:
+    """Candidates' summed log-probabilities: ``first`` [B, V] scores first tokens; longer candidates
+    continue from ``cache`` (whose rows match ``attn`` [B, L]) at positions ``next_pos`` [B]."""
+    pad = tok.pad_token_id
     scores: list[list[float]] = []
     long_pairs: list[tuple[int, int, list[int]]] = []
     for i, cands in enumerate(choices):
@@ -145,21 +151,45 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
             if len(cids) > 1:
                 long_pairs.append((i, j, cids))
         scores.append(row)
-
-    # (3) the remaining tokens of multi-token candidates
     if long_pairs:
         rows = torch.tensor([i for i, _, _ in long_pairs])
         cache.reorder_cache(rows)
         c_ids, c_mask = _pad([cids[:-1] for _, _, cids in long_pairs], pad, left=False)
         attn2 = torch.cat([attn[rows], c_mask], 1)
-        pos2 = (start + s_len)[rows][:, None] + torch.arange(c_ids.shape[1])
-        logp = (
-            model(input_ids=c_ids, attention_mask=attn2, position_ids=pos2, cache=cache).logits.float().log_softmax(-1)
-        )
+        pos2 = next_pos[rows][:, None] + torch.arange(c_ids.shape[1])
+        logp = model(input_ids=c_ids, attention_mask=attn2, position_ids=pos2, cache=cache).logits
+        logp = logp.float().log_softmax(-1)
         for k, (i, j, cids) in enumerate(long_pairs):
             rest = torch.tensor(cids[1:])
             scores[i][j] += logp[k, : len(rest)].gather(-1, rest[:, None]).sum().item()
     return scores
+
+
+@torch.no_grad()
+def pruned_choice_logprobs(
+    model, adapter, processor, images, texts, choices, scorer: str, rho: float, seed: int = 0
+) -> tuple[list[list[float]], torch.Tensor]:
+    """As :func:`choice_logprobs`, with only the top ``ceil(rho N)`` visual tokens (by ``scorer``)
+    entering the LLM (pruning before layer 0); also returns the kept indices ``[B, k]``."""
+    from qavtp.pruning import prune_sequence, select_tokens
+    from qavtp.scoring import score_tokens
+
+    tok = processor.tokenizer
+    enc = encode(processor, images, texts)
+    visual = adapter.visual_positions(enc["input_ids"])
+    embeds = adapter.embed(enc["input_ids"], enc["pixel_values"])
+    keep = select_tokens(score_tokens(scorer, adapter, enc, embeds, visual, seed=seed), rho)
+    pr = prune_sequence(enc["input_ids"], enc["attention_mask"], embeds, visual, keep)
+    out = model(
+        inputs_embeds=pr.inputs_embeds,
+        attention_mask=pr.attention_mask,
+        position_ids=pr.position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    first = out.logits[:, -1].float().log_softmax(-1)
+    next_pos = pr.position_ids[:, -1] + 1
+    return _score_candidates(model, tok, first, out.cache, pr.attention_mask, next_pos, choices), keep
 
 
 def normalize_answer(text: str) -> str:
@@ -186,12 +216,20 @@ def evaluate(
     mode: str = "loglik",
     progress: bool = True,
     desc: str = "eval",
+    prune: tuple | None = None,
 ) -> dict:
-    """Accuracy overall and per question type; ``dataset`` has image, prompt, choices, answer, qtype."""
+    """Accuracy overall and per question type; ``dataset`` has image, prompt, choices, answer, qtype.
+
+    ``prune = (adapter, scorer, rho)`` keeps only the top ``ceil(rho N)`` visual tokens by ``scorer``
+    before the LLM (log-likelihood scoring only).
+    """
     if mode not in ("loglik", "generate"):
         raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}")
+    if prune is not None and mode != "loglik":
+        raise QavtpError("pruning is evaluated with --mode loglik only")
     correct: dict[str, list[int]] = defaultdict(list)
     predictions = []
+    kept = None
     model.eval()
     n = len(dataset)
     keyed = "image_id" in dataset.column_names
@@ -203,7 +241,14 @@ def evaluate(
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = dataset[start : start + batch_size]
         if mode == "loglik":
-            scores = choice_logprobs(model, processor, batch["image"], batch["prompt"], batch["choices"])
+            if prune is not None:
+                adapter, scorer, rho = prune
+                scores, keep = pruned_choice_logprobs(
+                    model, adapter, processor, batch["image"], batch["prompt"], batch["choices"], scorer, rho
+                )
+                kept = keep.shape[1]
+            else:
+                scores = choice_logprobs(model, processor, batch["image"], batch["prompt"], batch["choices"])
             preds = [c[max(range(len(s)), key=s.__getitem__)] for s, c in zip(scores, batch["choices"], strict=True)]
         else:
             preds = [normalize_answer(t) for t in generate_answers(model, processor, batch["image"], batch["prompt"])]
@@ -222,6 +267,7 @@ def evaluate(
         "accuracy": by_type["all"]["accuracy"],
         "ci95": by_type["all"]["ci95"],
         "n": n,
+        "visual_tokens_kept": kept,
         "by_type": by_type,
         "predictions": predictions,
     }

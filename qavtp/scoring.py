@@ -280,3 +280,30 @@ def fuse(sem: Tensor, sens: Tensor, alpha: float, direction: int = 1, norm: str 
 def _check_unit(name: str, v: float) -> None:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
         raise QavtpError(f"{name} must lie in [0, 1], got {v}")
+
+
+_NORMS = {"linf": linf, "l1": l1, "l2": l2, "variance": variance}
+
+
+def score_tokens(
+    name: str, adapter, enc, embeds: Tensor, visual_mask: Tensor, spec: QuantSpec | None = None, seed: int = 0
+) -> Tensor:
+    """Scores ``[B, N]`` of the visual tokens by scorer ``name``, for pruning before the LLM (K = 0).
+
+    ``embeds`` are the input embeddings with the visual tokens in place (``adapter.embed``).
+    """
+    check_scorer(name)
+    X = gather_visual(embeds, visual_mask)
+    if name == "semantic":
+        return text_attention(adapter, embeds, 0, enc["attention_mask"], enc["position_ids"], visual_mask)
+    if name == "cls":
+        return cls_attention(adapter, enc["pixel_values"])
+    if name in _NORMS:
+        return _NORMS[name](X)
+    if name == "qerror":
+        return quant_error_score(X, spec or QuantSpec(4, True, 0))
+    if name == "outlier":
+        return outlier_intensity(X)
+    if name == "random":
+        return random_scores(X.shape[:2], seed)
+    raise QavtpError(f"scorer {name!r} needs fusion weights learned by calibration, which qavtp cannot learn yet")

@@ -319,3 +319,60 @@ def test_prune_sequence_shapes(tiny, enc):
         prune_sequence(enc["input_ids"], enc["attention_mask"], emb, vis, torch.tensor([[0, 16]] * 3))
     with pytest.raises(QavtpError, match="repeat"):
         prune_sequence(enc["input_ids"], enc["attention_mask"], emb, vis, torch.tensor([[1, 1]] * 3))
+
+
+def test_pruned_scoring_at_full_retention_equals_dense(tiny_llava_dir, easyvqa_test):
+    from qavtp.data.easyvqa import COLORS
+    from qavtp.evaluate import choice_logprobs, pruned_choice_logprobs
+
+    model, processor, adapter = load_model(tiny_llava_dir)
+    rows = easyvqa_test.select([0, 1, 5])
+    choices = [[*COLORS, "purple triangle"]] * 3  # several tokens: the cache continuation runs too
+    dense = choice_logprobs(model, processor, rows["image"], rows["prompt"], choices)
+    full, keep = pruned_choice_logprobs(model, adapter, processor, rows["image"], rows["prompt"], choices, "l2", 1.0)
+    assert keep.shape == (3, 16)
+    for a, b in zip(full, dense, strict=True):
+        assert a == pytest.approx(b, abs=2e-4)
+
+
+@pytest.mark.parametrize("scorer", ["semantic", "cls", "l2", "qerror", "outlier", "random"])
+def test_pruned_scoring_keeps_a_quarter_and_matches_per_sample(tiny_llava_dir, easyvqa_test, scorer):
+    from qavtp.data.easyvqa import SHAPES
+    from qavtp.evaluate import pruned_choice_logprobs
+
+    model, processor, adapter = load_model(tiny_llava_dir)
+    rows = easyvqa_test.select([0, 12, 30])
+    choices = [list(SHAPES)] * 3
+    batch, keep = pruned_choice_logprobs(
+        model, adapter, processor, rows["image"], rows["prompt"], choices, scorer, 0.25
+    )
+    assert keep.shape == (3, 4) and bool((keep.diff(dim=1) > 0).all())
+    for i in range(3):
+        alone, k1 = pruned_choice_logprobs(
+            model, adapter, processor, [rows["image"][i]], [rows["prompt"][i]], [choices[i]], scorer, 0.25
+        )
+        if scorer != "random":  # random draws one matrix per batch shape
+            assert torch.equal(k1[0], keep[i])
+            assert batch[i] == pytest.approx(alone[0], abs=2e-4)
+
+
+def test_cli_eval_with_pruning_and_bad_pruning_input(tiny_llava_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from qavtp.cli import main
+
+    run = CliRunner().invoke
+    out = tmp_path / "res"
+    r = run(main, ["eval", str(tiny_llava_dir), "--limit", "6", "--retain", "0.25", "--scorer", "cls", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["visual_tokens_kept"] == 4 and data["config"]["scorer"] == "cls"
+    for args, needle in (
+        (["--retain", "1.5"], "retention ratio must lie in (0, 1]"),
+        (["--retain", "0.5", "--scorer", "fastest"], "unknown scorer 'fastest'; valid: semantic"),
+        (["--retain", "0.5", "--mode", "generate"], "loglik only"),
+    ):
+        r = run(main, ["eval", str(tiny_llava_dir), "--limit", "2", *args])
+        assert r.exit_code == 2 and needle in r.output, r.output
