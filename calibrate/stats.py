@@ -24,7 +24,7 @@ _SAMPLE = 65536  # |x| values kept per linear for percentiles
 
 
 class _Stop(Exception):
-    pass
+    """Raised by a pre-hook to end a forward pass once the wanted inputs are captured."""
 
 
 @dataclass
@@ -35,28 +35,39 @@ class LayerInput:
 
 
 @torch.no_grad()
+def capture_inputs(model_call, layer: nn.Module) -> tuple[torch.Tensor, dict]:
+    """Run ``model_call()`` until ``layer`` is reached; return its input hidden states and keyword arguments.
+
+    The pass stops there, so layers after the wanted one cost nothing.
+    """
+    box: dict = {}
+
+    def hook(module, args, kwargs):
+        box["hidden"] = args[0] if args else kwargs["hidden_states"]
+        box["kwargs"] = dict(kwargs)
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model_call()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "hidden" not in box:
+        raise QavtpError("the forward pass never reached the requested layer")
+    return box["hidden"], box["kwargs"]
+
+
+@torch.no_grad()
 def capture_layer_inputs(adapter, batches: Iterable[dict]) -> list[LayerInput]:
     """The hidden states (and mask/positions) entering decoder layer 0, one entry per batch."""
     captured: list[LayerInput] = []
-    mask: list[torch.Tensor | None] = [None]
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+    for batch in batches:
+        hidden, kwargs = capture_inputs(lambda b=batch: adapter.model(**b), adapter.decoder_layers[0])
+        mask = batch.get("attention_mask")
         keep = {k: kwargs[k] for k in _LAYER_KWARGS if k in kwargs}
-        captured.append(LayerInput(hidden.detach(), keep, mask[0]))
-        raise _Stop
-
-    handle = adapter.decoder_layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            m = batch.get("attention_mask")
-            mask[0] = m.bool() if m is not None else None
-            try:
-                adapter.model(**batch)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
+        captured.append(LayerInput(hidden.detach(), keep, mask.bool() if mask is not None else None))
     if not captured:
         raise QavtpError("the calibration set is empty")
     return captured

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qavtp.calibrate.stats import capture_inputs
 from qavtp.errors import QavtpError
-from qavtp.scoring import capture_inputs, check_layer, model_inputs
+from qavtp.scoring import check_layer, model_inputs
 
 
 def check_ratio(rho: float) -> float:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from qavtp.calibrate.quantizers import QuantSpec, quant_error
+from qavtp.calibrate.stats import capture_inputs
 from qavtp.errors import QavtpError
 
 SCORERS: dict[str, str] = {
@@ -34,10 +35,6 @@ SCORERS: dict[str, str] = {
 }
 
 NORMS = ("minmax", "zscore")
-
-
-class _Stop(Exception):
-    """Raised by a pre-hook to end a forward pass once the wanted inputs are captured."""
 
 
 def check_scorer(name: str) -> str:
@@ -63,31 +60,6 @@ def check_layer(n_layers: int, layer_idx: int, what: str = "decoder") -> int:
     if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < n_layers:
         raise QavtpError(f"layer K={layer_idx} is beyond the model's {n_layers} {what} layers")
     return layer_idx
-
-
-@torch.no_grad()
-def capture_inputs(model_call, layer: nn.Module) -> tuple[Tensor, dict]:
-    """Run ``model_call()`` until ``layer`` is reached; return its input hidden states and keyword arguments.
-
-    The pass stops there, so layers after the wanted one cost nothing.
-    """
-    box: dict = {}
-
-    def hook(module, args, kwargs):
-        box["hidden"] = args[0] if args else kwargs["hidden_states"]
-        box["kwargs"] = dict(kwargs)
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model_call()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "hidden" not in box:
-        raise QavtpError("the forward pass never reached the requested layer")
-    return box["hidden"], box["kwargs"]
 
 
 def model_inputs(enc) -> dict:
