@@ -31,14 +31,11 @@ def encode(processor, images, texts: Sequence[str], suffixes: Sequence[list[int]
     if suffixes is None:
         enc["position_ids"] = position_ids(enc["attention_mask"])
         return enc
-    tok = processor.tokenizer
-    rows = []
-    for ids, mask, suf in zip(enc["input_ids"], enc["attention_mask"], suffixes, strict=True):
-        rows.append(ids[mask.bool()].tolist() + list(suf))
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    rows = [
+        ids[mask.bool()].tolist() + list(suf)
+        for ids, mask, suf in zip(enc["input_ids"], enc["attention_mask"], suffixes, strict=True)
+    ]
+    input_ids, attention_mask = _pad(rows, processor.tokenizer.pad_token_id, left=True)
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
     if "pixel_values" in enc:
         out["pixel_values"] = enc["pixel_values"]

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from qavtp.calibrate.stats import capture_inputs
 from qavtp.errors import QavtpError
+from qavtp.evaluate import position_ids as left_padded_positions
 from qavtp.scoring import check_layer, model_inputs
 
 
@@ -121,7 +122,7 @@ def prune_sequence(
     positions, kept_vis = kept_positions(visual_mask, keep_idx)
     mask = attention_mask.gather(1, positions)
     # The shortened prompt is a prompt like any other: positions count its real tokens from 0.
-    pos_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    pos_ids = left_padded_positions(mask)
     return PrunedSequence(
         inputs_embeds=_gather_seq(inputs_embeds, positions),
         attention_mask=mask,
@@ -197,7 +198,7 @@ def pruned_forward(
         attention_mask = torch.ones(B, L, dtype=torch.long, device=input_ids.device)
     position_ids = inputs.get("position_ids")
     if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_padded_positions(attention_mask)
     visual_mask = adapter.visual_positions(input_ids)
     embeds = adapter.embed(input_ids, inputs.get("pixel_values"))
     lm = adapter.language_model

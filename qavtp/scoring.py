@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from qavtp.calibrate.quantizers import QuantSpec, quant_error
 from qavtp.calibrate.stats import capture_inputs
 from qavtp.errors import QavtpError
+from qavtp.evaluate import position_ids as left_padded_positions
 
 SCORERS: dict[str, str] = {
     "semantic": "attention of the last prompt token to each visual token at decoder layer K (FastV)",
@@ -110,7 +111,7 @@ def text_attention(
     if attention_mask is None:
         attention_mask = torch.ones(B, L, dtype=torch.long, device=hidden_in.device)
     if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = left_padded_positions(attention_mask)
     h = layer.input_layernorm(hidden_in)
     head_dim = attn.head_dim
     q = attn.q_proj(h[:, -1:]).view(B, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, hd]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qavtp.data.easyvqa import COLORS, SHAPES, image_labels, load_easyvqa
-from qavtp.evaluate import encode, evaluate
+from qavtp.evaluate import encode, evaluate, position_ids
 from qavtp.models import reference
 
 HELDOUT_IMAGES = 200  # the last train images, kept out of training for held-out accuracy
@@ -137,7 +137,7 @@ def _packed_batch(processor, convs):
         answers.append([tok(a, add_special_tokens=False).input_ids + [end] for a in rows["answer"]])
     tok.padding_side = "left"
     enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    enc["position_ids"] = position_ids(enc["attention_mask"])
     marker = tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
     rows_idx, pos_idx, targets = [], [], []
     for b, ids in enumerate(enc["input_ids"].tolist()):
