@@ -12,6 +12,7 @@ materialise the attention weights that ``output_attentions`` would need.
 from __future__ import annotations
 
 import importlib
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,8 @@ SCORERS: dict[str, str] = {
     "qerror": "simulated group-wise activation quantization error of each visual token",
     "outlier": "outlier intensity: channel range, or max |x| over the calibrated median channel absmax",
     "hybrid": "beta * norm(qerror) + (1 - beta) * norm(outlier)",
-    "qavtp": "alpha * norm(semantic) + (1 - alpha) * direction * norm(hybrid)",
+    "qavtp": "alpha * norm(semantic) + (1 - alpha) * direction * norm(hybrid), learned by calibration",
+    "qapruner": "the paper's recipe: alpha 0.5, beta 0.5, keep sensitive, min-max, absolute error, channel range",
     "linf": "L-infinity norm of each visual token",
     "l1": "L1 norm of each visual token",
     "l2": "L2 norm of each visual token",
@@ -36,6 +38,7 @@ SCORERS: dict[str, str] = {
 }
 
 NORMS = ("minmax", "zscore")
+OUTLIERS = ("range", "linf")
 
 
 def check_scorer(name: str) -> str:
@@ -255,28 +258,125 @@ def _check_unit(name: str, v: float) -> None:
         raise QavtpError(f"{name} must lie in [0, 1], got {v}")
 
 
+# ------------------------------------------------------------------------------------ fusion params
+
+
+@dataclass(frozen=True)
+class FusionParams:
+    """Everything the ``qavtp`` scorer needs besides the model: the learned fusion of one retention ratio.
+
+    ``outlier`` is the outlier intensity: ``range`` (max - min over channels, the paper's) or ``linf``
+    (max |x|). Dividing by a calibrated channel statistic would change nothing here: every term is
+    normalised per image, which cancels any constant factor. ``qspec`` is the simulated quantizer of
+    the error term (the deployed activation quantizer, or the paper's INT4 g128).
+    """
+
+    alpha: float = 0.5
+    beta: float = 0.5
+    direction: int = 1
+    norm: str = "minmax"
+    outlier: str = "range"
+    relative: bool = False
+    qspec: dict = field(default_factory=lambda: QuantSpec(4, True, 128).to_dict())
+
+    def __post_init__(self) -> None:
+        _check_unit("alpha", self.alpha)
+        _check_unit("beta", self.beta)
+        if self.direction not in (1, -1):
+            raise QavtpError(f"direction must be +1 (keep sensitive) or -1 (keep robust), got {self.direction}")
+        if self.norm not in NORMS:
+            raise QavtpError(f"unknown normalisation {self.norm!r}; valid: {', '.join(NORMS)}")
+        if self.outlier not in OUTLIERS:
+            raise QavtpError(f"unknown outlier intensity {self.outlier!r}; valid: {', '.join(OUTLIERS)}")
+        QuantSpec.from_dict(self.qspec)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec.from_dict(self.qspec)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FusionParams:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise QavtpError(f"unknown fusion parameters {sorted(unknown)}")
+        return cls(**d)
+
+
+def paper_group(dim: int, preferred: int = 128) -> int:
+    """The paper's simulation group (128), or the largest power of two below it that divides ``dim``."""
+    g = preferred
+    while g > 1 and dim % g:
+        g //= 2
+    return g
+
+
+def qapruner_params(dim: int) -> FusionParams:
+    """The paper's recipe as a preset (its alpha is not published: 0.5)."""
+    return FusionParams(0.5, 0.5, 1, "minmax", "range", False, QuantSpec(4, True, paper_group(dim)).to_dict())
+
+
+def sensitivity_terms(X: Tensor, p: FusionParams) -> tuple[Tensor, Tensor]:
+    """Quantization error and outlier intensity ``[B, N]`` of the visual tokens ``X [B, N, D]``."""
+    eq = quant_error_score(X, p.spec, relative=p.relative)
+    o = outlier_intensity(X) if p.outlier == "range" else linf(X)
+    return eq, o
+
+
+def fused_scores(sem: Tensor, X: Tensor, p: FusionParams) -> Tensor:
+    """The qavtp score ``[B, N]``: ``alpha norm(sem) + (1 - alpha) direction norm(beta norm(eq) + (1 - beta) norm(o))``.
+
+    This is the formula the ONNX pruning subgraph reproduces.
+    """
+    eq, o = sensitivity_terms(X, p)
+    return fuse(sem, hybrid_sensitivity(eq, o, p.beta, p.norm), p.alpha, p.direction, p.norm)
+
+
 _NORMS = {"linf": linf, "l1": l1, "l2": l2, "variance": variance}
 
 
 def score_tokens(
-    name: str, adapter, enc, embeds: Tensor, visual_mask: Tensor, spec: QuantSpec | None = None, seed: int = 0
+    name: str,
+    adapter,
+    enc,
+    embeds: Tensor,
+    visual_mask: Tensor,
+    spec: QuantSpec | None = None,
+    seed: int = 0,
+    fusion: FusionParams | None = None,
 ) -> Tensor:
     """Scores ``[B, N]`` of the visual tokens by scorer ``name``, for pruning before the LLM (K = 0).
 
-    ``embeds`` are the input embeddings with the visual tokens in place (``adapter.embed``).
+    ``embeds`` are the input embeddings with the visual tokens in place (``adapter.embed``); ``spec`` the
+    deployed activation quantizer (for ``qerror``); ``fusion`` the learned parameters (for ``qavtp``).
     """
     check_scorer(name)
     X = gather_visual(embeds, visual_mask)
-    if name == "semantic":
-        return text_attention(adapter, embeds, 0, enc["attention_mask"], enc["position_ids"], visual_mask)
+    if name in ("semantic", "qavtp", "qapruner"):
+        sem = text_attention(adapter, embeds, 0, enc["attention_mask"], enc["position_ids"], visual_mask)
+        if name == "semantic":
+            return sem
+        if name == "qapruner":
+            return fused_scores(sem, X, qapruner_params(X.shape[-1]))
+        if fusion is None:
+            raise QavtpError("scorer 'qavtp' needs fusion weights: calibrate with --retain, then pass --artifact")
+        return fused_scores(sem, X, fusion)
     if name == "cls":
         return cls_attention(adapter, enc["pixel_values"])
     if name in _NORMS:
         return _NORMS[name](X)
-    if name == "qerror":
-        return quant_error_score(X, spec or QuantSpec(4, True, 0))
-    if name == "outlier":
-        return outlier_intensity(X)
+    if name in ("qerror", "outlier", "hybrid"):
+        p = fusion or qapruner_params(X.shape[-1])
+        if spec is not None:
+            p = FusionParams(**{**p.to_dict(), "qspec": spec.to_dict()})
+        eq, o = sensitivity_terms(X, p)
+        if name == "qerror":
+            return eq
+        if name == "outlier":
+            return o
+        return hybrid_sensitivity(eq, o, p.beta, p.norm)
     if name == "random":
         return random_scores(X.shape[:2], seed)
-    raise QavtpError(f"scorer {name!r} needs fusion weights learned by calibration, which qavtp cannot learn yet")
+    raise QavtpError(f"no scoring rule for {name!r}")
