@@ -69,6 +69,20 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("--gptq", is_flag=True, help="GPTQ instead of round-to-nearest weights.")
 @click.option("--clip-search", is_flag=True, help="Search a per-group weight clipping ratio (MSE).")
 @click.option("--smooth-alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
+@click.option(
+    "--retain",
+    default="0.5,0.25,0.125",
+    show_default=True,
+    help="Retention ratios to learn pruning fusion weights for ('none' to skip).",
+)
+@click.option("--fusion-samples", type=int, default=64, show_default=True, help="Calibration questions for fusion.")
+@click.option(
+    "--fusion-objective",
+    type=click.Choice(["kl", "accuracy"]),
+    default="kl",
+    show_default=True,
+    help="kl: match the FP dense model's answer distribution; accuracy: calibration accuracy.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
@@ -99,8 +113,21 @@ def calibrate(model, output, wasym, aasym, data_spec, **options):
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--mode", type=click.Choice(["loglik", "generate"]), default="loglik", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--retain", type=float, default=None, help="Keep this fraction of visual tokens, in (0, 1].")
-@click.option("--scorer", default="semantic", show_default=True, help="Token scorer for --retain.")
+@click.option(
+    "--retain",
+    default=None,
+    help="Keep this fraction of visual tokens, in (0, 1]; a list (1,0.5,0.25,0.125) sweeps and draws plots.",
+)
+@click.option(
+    "--scorer",
+    default="semantic",
+    show_default=True,
+    help="Token scorer(s) for --retain, comma-separated; 'ablation' runs every scorer.",
+)
+@click.option("--with-fp", is_flag=True, help="With --artifact: also evaluate the floating-point source model.")
+@click.option(
+    "--fp-scorers", default="semantic", show_default=True, help="Scorers for the floating-point rows of --with-fp."
+)
 @click.option(
     "-o", "--output", type=click.Path(file_okay=False), default=None, help="Directory for results.json and results.md."
 )
@@ -119,6 +146,8 @@ def eval_cmd(
     dtype,
     retain,
     scorer,
+    with_fp,
+    fp_scorers,
     output,
     cache_dir,
 ):
@@ -131,17 +160,55 @@ def eval_cmd(
 
     if batch_size < 1:
         raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
-    if retain is not None:
-        from qavtp.pruning import check_ratio
-        from qavtp.scoring import check_scorer
+    from qavtp.calibrate.fusion import fusion_for, parse_ratios
+    from qavtp.sweep import parse_scorers
 
-        check_ratio(retain)
-        check_scorer(scorer)
+    ratios = parse_ratios(retain)
+    if retain is not None and not ratios:
+        raise QavtpError(f"--retain {retain!r} names no retention ratio")
+    scorers = parse_scorers(scorer)
+    if with_fp and not artifact:
+        raise QavtpError("--with-fp needs --artifact (the floating-point model is the artifact's source)")
+    if ratios and mode != "loglik":
+        raise QavtpError("pruning is evaluated with --mode loglik only")
+    cfg = None
+    if artifact:
+        from qavtp.calibrate.artifact import read_config
+
+        cfg = read_config(artifact)
+    if "qavtp" in scorers and any(r < 1 for r in ratios):
+        for r in ratios:
+            fusion_for(cfg or {}, r)  # fail before loading anything
     torch.manual_seed(seed)
     ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
+    if len(ratios) > 1 or len(scorers) > 1 or with_fp:
+        _sweep(
+            model,
+            artifact,
+            cfg,
+            ds,
+            ratios or [1.0],
+            scorers,
+            with_fp,
+            fp_scorers,
+            dtype,
+            batch_size,
+            seed,
+            output,
+            cache_dir,
+            dict(data=data_spec, split=split, limit=limit, seed=seed, dtype=dtype),
+        )
+        return
     net, processor, adapter = _load(model, artifact, dtype, cache_dir)
     model = f"artifact {artifact}" if artifact else (model or DEFAULT_MODEL)
-    prune = (adapter, scorer, retain) if retain is not None else None
+    rho = ratios[0] if ratios else None
+    prune = None
+    if rho is not None:
+        from qavtp.evaluate import Pruning
+        from qavtp.sweep import quantizer_of
+
+        fusion = fusion_for(cfg, rho) if cfg and cfg.get("fusion") and rho < 1 else None
+        prune = Pruning(adapter, scorers[0], rho, fusion=fusion, spec=quantizer_of(cfg), seed=seed)
     t0 = time.time()
     results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode, prune=prune)
     results["seconds"] = round(time.time() - t0, 1)
@@ -153,10 +220,10 @@ def eval_cmd(
         seed=seed,
         mode=mode,
         dtype=dtype,
-        retain=retain,
-        scorer=scorer if retain is not None else None,
+        retain=rho,
+        scorer=scorers[0] if rho is not None else None,
     )
-    pruning = f", retain {retain} by {scorer}" if retain is not None else ""
+    pruning = f", retain {rho} by {scorers[0]}" if rho is not None else ""
     title = f"{model} on {data_spec} ({split}, n={results['n']}, {mode}, {dtype}{pruning})"
     table = markdown_table(results, title)
     click.echo(table)
@@ -165,6 +232,65 @@ def eval_cmd(
         atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "results.md", table)
         click.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+def _sweep(
+    model,
+    artifact,
+    cfg,
+    ds,
+    ratios,
+    scorers,
+    with_fp,
+    fp_scorers,
+    dtype,
+    batch_size,
+    seed,
+    output,
+    cache_dir,
+    data_config,
+):
+    """Every (ratio, scorer) on the model (and the FP source): tables on stdout, JSON + Markdown + plots in -o."""
+    import gc
+
+    from qavtp.io import atomic_dir, atomic_write_json
+    from qavtp.sweep import fusion_table, paper_table, parse_scorers, plot_accuracy, plot_kept_tokens, run_sweep
+
+    runs: list[dict] = []
+    label = _label(cfg)
+    if with_fp:
+        net, processor, adapter = _load(cfg["source"]["model"] if model is None else model, None, dtype, cache_dir)
+        runs += run_sweep(net, adapter, processor, ds, ratios, parse_scorers(fp_scorers), "FP", None, batch_size, seed)
+        del net, adapter
+        gc.collect()
+    net, processor, adapter = _load(model, artifact, dtype, cache_dir)
+    runs += run_sweep(net, adapter, processor, ds, ratios, scorers, label, cfg, batch_size, seed)
+    title = f"{artifact or model or DEFAULT_MODEL} on {data_config['data']} ({data_config['split']}, n={len(ds)})"
+    md = [f"### {title}", "", "Accuracy (%) ± half the 95 % Wilson interval; columns: visual tokens kept.", ""]
+    md.append(paper_table(runs, ratios))
+    if cfg and cfg.get("fusion"):
+        md += ["#### Learned fusion weights", "", fusion_table(cfg)]
+    text = "\n".join(md)
+    click.echo(text)
+    if output:
+        out = Path(output)
+        with atomic_dir(out) as tmp:
+            atomic_write_json(tmp / "results.json", {"config": {**data_config, "artifact": artifact}, "runs": runs})
+            (tmp / "results.md").write_text(text)
+            plot_accuracy(runs, tmp / "accuracy_vs_retention.png")
+            pruned = [r for r in ratios if r < 1]
+            if pruned:
+                shown = [s for s in ("semantic", "qapruner", "qavtp") if s in scorers] or scorers[:2]
+                plot_kept_tokens(ds, runs, label, shown, min(pruned), tmp / "kept_tokens.png")
+        click.echo(f"wrote {out}/results.json, results.md, accuracy_vs_retention.png, kept_tokens.png")
+
+
+def _label(cfg: dict | None) -> str:
+    if not cfg:
+        return "FP"
+    o = cfg["options"]
+    a = o["activations"]["bits"] if o.get("activations") else 16
+    return f"W{o['weights']['bits']}A{a}"
 
 
 @main.command()

@@ -8,9 +8,26 @@ The artifact's ``config.json`` holds, under ``fusion``::
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from qavtp.calibrate.quantizers import QuantSpec
 from qavtp.errors import QavtpError
-from qavtp.pruning import check_ratio
-from qavtp.scoring import FusionParams
+from qavtp.evaluate import choice_ids, encode
+from qavtp.pruning import check_ratio, prune_sequence, select_tokens
+from qavtp.scoring import (
+    SEMANTICS,
+    FusionParams,
+    fused_scores,
+    gather_visual,
+    model_inputs,
+    qapruner_params,
+    semantic_scores,
+)
 
 
 def ratio_key(rho: float) -> str:
@@ -24,6 +41,251 @@ def fusion_for(cfg: dict, rho: float) -> FusionParams:
     if not fus or not fus.get("ratios"):
         raise QavtpError("this artifact was calibrated without fusion weights; rerun qavtp calibrate with --retain")
     key = ratio_key(rho)
+    if key == "1":
+        return FusionParams()  # every token is kept: the scores do not matter
     if key not in fus["ratios"]:
         raise QavtpError(f"the artifact has fusion weights for retention {', '.join(fus['ratios'])}, not {key}")
     return FusionParams.from_dict(fus["ratios"][key]["params"])
+
+
+# ------------------------------------------------------------------------------------------ learning
+
+OBJECTIVES = ("kl", "accuracy")
+
+
+def parse_ratios(spec: str | float | list | tuple | None) -> list[float]:
+    """``"0.5,0.25,0.125"`` -> ``[0.5, 0.25, 0.125]``, each checked to lie in (0, 1]; ``""``/``none`` -> ``[]``."""
+    if spec is None:
+        return []
+    if isinstance(spec, int | float):
+        return [check_ratio(spec)]
+    parts = spec if isinstance(spec, list | tuple) else [p for p in str(spec).split(",") if p.strip()]
+    if len(parts) == 1 and str(parts[0]).strip().lower() == "none":
+        return []
+    out = []
+    for p in parts:
+        try:
+            v = float(p)
+        except ValueError:
+            raise QavtpError(f"retention ratio {p!r} is not a number") from None
+        out.append(check_ratio(v))
+    return out
+
+
+def candidate_grid(base: FusionParams, stage: int, best: FusionParams | None = None) -> list[FusionParams]:
+    """The staged search space.
+
+    Stage 1: each relevance term alone and each sensitivity term alone, in both directions.
+    Stage 2: mixtures of the best relevance term with the sensitivity terms.
+    Stage 3: the open choices of the paper (normalisation, outlier measure, relative error) at the best point.
+    """
+
+    def v(p: FusionParams, **kw) -> FusionParams:
+        return FusionParams(**{**p.to_dict(), **kw})
+
+    if stage == 1:
+        out = [v(base, alpha=1.0, semantic=s) for s in ("text", "cls")]
+        out += [v(base, alpha=0.0, beta=b, direction=d) for b in (0.0, 0.5, 1.0) for d in (1, -1)]
+        return out
+    assert best is not None
+    if stage == 2:
+        return [
+            v(best, alpha=a, beta=b, direction=d) for a in (0.25, 0.5, 0.75) for b in (0.0, 0.5, 1.0) for d in (1, -1)
+        ]
+    return [
+        v(best, norm="zscore" if best.norm == "minmax" else "minmax"),
+        v(best, outlier="linf" if best.outlier == "range" else "range"),
+        v(best, relative=not best.relative),
+    ]
+
+
+@torch.no_grad()
+def dense_logprobs(model, processor, dataset, batch_size: int = 16) -> Tensor:
+    """Next-token log-probabilities ``[n, V]`` after each prompt (the answer's first token), no pruning.
+
+    Computed on the floating-point model before calibration: the target of the KL objective.
+    """
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        enc = encode(processor, rows["image"], rows["prompt"])
+        logits = model(**model_inputs(enc), use_cache=False, logits_to_keep=1).logits[:, -1]
+        out.append(logits.float().log_softmax(-1))
+    return torch.cat(out)
+
+
+@dataclass
+class _Prepared:
+    """One calibration batch at the pruning point, computed once for every candidate."""
+
+    rows: list[int]  # global row indices
+    embeds: Tensor
+    attention_mask: Tensor
+    visual: Tensor
+    X: Tensor
+    sem: dict[str, Tensor]
+    first_ids: list[list[int]]  # first token of every candidate answer
+    answer: list[int]  # index of the right candidate
+
+
+def _prepare(adapter, processor, dataset, batch_size: int) -> list[_Prepared]:
+    tok = processor.tokenizer
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        enc = encode(processor, rows["image"], rows["prompt"])
+        visual = adapter.visual_positions(enc["input_ids"])
+        embeds = adapter.embed(enc["input_ids"], enc["pixel_values"])
+        sem = {s: semantic_scores(adapter, enc, embeds, visual, s) for s in SEMANTICS}
+        first = [[choice_ids(tok, c)[0] for c in cands] for cands in rows["choices"]]
+        answer = [list(c).index(a) for c, a in zip(rows["choices"], rows["answer"], strict=True)]
+        n = len(rows["prompt"])
+        out.append(
+            _Prepared(
+                list(range(start, start + n)),
+                embeds,
+                enc["attention_mask"],
+                visual,
+                gather_visual(embeds, visual),
+                sem,
+                first,
+                answer,
+            )
+        )
+    return out
+
+
+def _pruned_logprobs(adapter, b: _Prepared, local: list[int], keep: Tensor) -> Tensor:
+    p = prune_sequence(None, b.attention_mask[local], b.embeds[local], b.visual[local], keep)
+    h = adapter.language_model(
+        inputs_embeds=p.inputs_embeds, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=False
+    ).last_hidden_state[:, -1]
+    return adapter.lm_head(h).float().log_softmax(-1)
+
+
+class _Judge:
+    """Scores candidates; every distinct kept set of a question is run through the model once."""
+
+    def __init__(self, adapter, prepared: list[_Prepared], target: Tensor, chunk: int = 32):
+        self.adapter, self.prepared, self.target, self.chunk = adapter, prepared, target, chunk
+        self.memo: dict[tuple, tuple[float, int]] = {}
+        self.forwards = 0
+
+    def _metrics(self, b: _Prepared, local: list[int], keep: Tensor) -> list[tuple[float, int]]:
+        logq = _pruned_logprobs(self.adapter, b, local, keep)
+        self.forwards += len(local)
+        out = []
+        for j, r in enumerate(local):
+            logp = self.target[b.rows[r]]
+            kl = float((logp.exp() * (logp - logq[j])).sum())
+            cand = logq[j, b.first_ids[r]]
+            out.append((kl, int(int(cand.argmax()) == b.answer[r])))
+        return out
+
+    def judge(self, configs: list[FusionParams], rho: float) -> list[tuple[float, float]]:
+        """Mean KL and first-token accuracy of each candidate at retention ``rho``."""
+        keys_per_cfg: list[list[tuple]] = [[] for _ in configs]
+        for b in self.prepared:
+            todo: dict[tuple, tuple[int, Tensor]] = {}
+            for c, p in enumerate(configs):
+                keep = select_tokens(fused_scores(b.sem[p.semantic], b.X, p), rho)
+                for r in range(len(b.rows)):
+                    key = (b.rows[r], rho, tuple(keep[r].tolist()))
+                    keys_per_cfg[c].append(key)
+                    if key not in self.memo:
+                        todo[key] = (r, keep[r])
+            items = list(todo.items())
+            for s in range(0, len(items), self.chunk):
+                part = items[s : s + self.chunk]
+                local = [r for _, (r, _) in part]
+                keep = torch.stack([k for _, (_, k) in part])
+                for (key, _), m in zip(part, self._metrics(b, local, keep), strict=True):
+                    self.memo[key] = m
+        res = []
+        for keys in keys_per_cfg:
+            ms = [self.memo[k] for k in keys]
+            res.append((sum(m[0] for m in ms) / len(ms), sum(m[1] for m in ms) / len(ms)))
+        return res
+
+    def dense(self) -> tuple[float, float]:
+        ms = []
+        for b in self.prepared:
+            n = b.visual.sum(1)[0]
+            keep = torch.arange(int(n)).expand(len(b.rows), -1)
+            ms += self._metrics(b, list(range(len(b.rows))), keep)
+        return sum(m[0] for m in ms) / len(ms), sum(m[1] for m in ms) / len(ms)
+
+
+def _rank(objective: str):
+    """Sort key of a curve entry: lower is better; the other metric breaks ties."""
+    if objective == "kl":
+        return lambda e: (e["kl"], -e["accuracy"])
+    return lambda e: (-e["accuracy"], e["kl"])
+
+
+@torch.no_grad()
+def learn_fusion(
+    adapter,
+    processor,
+    dataset,
+    ratios: list[float],
+    target: Tensor,
+    qspec: QuantSpec,
+    objective: str = "kl",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
+    """Learn the fusion parameters of every retention ratio on calibration data (a staged grid search).
+
+    ``target`` are the floating-point model's dense next-token log-probabilities (:func:`dense_logprobs`);
+    the model behind ``adapter`` is the calibrated (quantized) one. The paper's recipe (``qapruner``) is
+    always a candidate, so the learned choice is never worse than it on the calibration objective.
+    """
+    if objective not in OBJECTIVES:
+        raise QavtpError(f"unknown fusion objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    if len(dataset) == 0:
+        raise QavtpError("the fusion calibration set is empty")
+    t0 = time.time()
+    prepared = _prepare(adapter, processor, dataset, batch_size)
+    judge = _Judge(adapter, prepared, target)
+    dim = prepared[0].X.shape[-1]
+    base = FusionParams(qspec=qspec.to_dict())
+    preset = qapruner_params(dim)
+    dense = judge.dense()
+    result: dict = {
+        "layer": 0,
+        "objective": objective,
+        "n_samples": len(dataset),
+        "dense": {"kl": dense[0], "accuracy": dense[1]},
+        "ratios": {},
+    }
+    rank = _rank(objective)
+    bar = tqdm(ratios, desc="learning fusion weights", unit="ratio", disable=not progress)
+    for rho in bar:
+        curve: list[dict] = []
+
+        def run(configs: list[FusionParams], stage: int, rho=rho, curve=curve, rank=rank) -> FusionParams:
+            for p, m in zip(configs, judge.judge(configs, rho), strict=True):
+                curve.append({"stage": stage, "params": p.to_dict(), "kl": m[0], "accuracy": m[1]})
+            return FusionParams.from_dict(min(curve, key=rank)["params"])
+
+        best = run(candidate_grid(base, 1), 1)
+        # Stage 2 mixes the better relevance term (by the objective) with the sensitivity terms.
+        sem_only = [e for e in curve if e["params"]["alpha"] == 1.0]
+        best_sem = min(sem_only, key=rank)
+        anchor = FusionParams.from_dict({**best.to_dict(), "semantic": best_sem["params"]["semantic"]})
+        best = run(candidate_grid(anchor, 2, anchor) + [preset], 2)
+        best = run(candidate_grid(base, 3, best), 3)
+        chosen = next(e for e in curve if e["params"] == best.to_dict())
+        preset_entry = next(e for e in curve if e["params"] == preset.to_dict())
+        result["ratios"][ratio_key(rho)] = {
+            "params": best.to_dict(),
+            "kl": chosen["kl"],
+            "accuracy": chosen["accuracy"],
+            "qapruner": {"kl": preset_entry["kl"], "accuracy": preset_entry["accuracy"]},
+            "curve": curve,
+        }
+        bar.set_postfix(rho=rho, kl=f"{chosen['kl']:.3f}", acc=f"{chosen['accuracy']:.3f}")
+    result["forwards"] = judge.forwards
+    result["seconds"] = round(time.time() - t0, 1)
+    return result

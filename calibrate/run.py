@@ -66,10 +66,14 @@ def run_calibration(
     clip_search: bool = False,
     smooth_alpha: float = 0.5,
     seed: int = 0,
+    retain: str | list[float] | None = None,
+    fusion_samples: int = 64,
+    fusion_objective: str = "kl",
     overwrite: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
+    from qavtp.calibrate.fusion import OBJECTIVES, dense_logprobs, learn_fusion, parse_ratios
     from qavtp.data import load_data
     from qavtp.models.loading import load_model, resolve
 
@@ -87,6 +91,11 @@ def run_calibration(
         except ValueError:
             raise QavtpError(f"--wgroup must be an integer or 'auto', got {wgroup!r}") from None
     quant_specs(wbits, abits, 0 if wgroup == "auto" else wgroup, agroup, wsym, asym, aclip)  # fail fast
+    ratios = [r for r in parse_ratios(retain) if r < 1.0]
+    if ratios and fusion_samples < 1:
+        raise QavtpError(f"--fusion-samples must be at least 1, got {fusion_samples}")
+    if fusion_objective not in OBJECTIVES:
+        raise QavtpError(f"unknown fusion objective {fusion_objective!r}; use one of {', '.join(OBJECTIVES)}")
     torch.manual_seed(seed)
     path = resolve(model, cache_dir)
     net, processor, adapter = load_model(path)
@@ -97,6 +106,9 @@ def run_calibration(
     ds = load_data(data_spec, "train", limit=n_samples, seed=seed)
     batches = calibration_batches(processor, ds, batch_size)
     t0 = time.time()
+    fds = ds.select(range(min(fusion_samples, len(ds))))
+    # The KL objective's target is the floating-point model's answer distribution: taken before calibration.
+    target = dense_logprobs(net, processor, fds) if ratios else None
     record = calibrate_model(
         adapter,
         batches,
@@ -109,6 +121,11 @@ def run_calibration(
         seed=seed,
         progress=progress,
     )
+    seconds = round(time.time() - t0, 1)
+    fusion = None
+    if ratios:
+        qspec = aspec or QuantSpec(4, True, 0)
+        fusion = learn_fusion(adapter, processor, fds, ratios, target, qspec, fusion_objective, progress=progress)
     config = {
         "qavtp_version": version("qavtp"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -126,8 +143,10 @@ def run_calibration(
         # ru_maxrss is the process's peak resident memory (KiB on Linux): model + one layer's activations.
         "calibration": {
             **record,
-            "seconds": round(time.time() - t0, 1),
+            "seconds": seconds,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
     }
+    if fusion is not None:
+        config["fusion"] = fusion
     return save_artifact(output, net, config, overwrite=overwrite)

@@ -7,6 +7,7 @@ import re
 import string
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -162,9 +163,31 @@ def _score_candidates(model, tok, first, cache, attn, next_pos, choices) -> list
     return scores
 
 
+@dataclass(frozen=True)
+class Pruning:
+    """How an evaluation prunes: scorer, retention ratio, and what the scorer needs from calibration."""
+
+    adapter: object
+    scorer: str
+    rho: float
+    fusion: object | None = None  # qavtp.scoring.FusionParams of this ratio (scorer qavtp; sensitivity ablation)
+    spec: object | None = None  # the deployed activation quantizer (qerror ablation)
+    seed: int = 0
+
+
 @torch.no_grad()
 def pruned_choice_logprobs(
-    model, adapter, processor, images, texts, choices, scorer: str, rho: float, seed: int = 0
+    model,
+    adapter,
+    processor,
+    images,
+    texts,
+    choices,
+    scorer: str,
+    rho: float,
+    seed: int = 0,
+    fusion=None,
+    spec=None,
 ) -> tuple[list[list[float]], torch.Tensor]:
     """As :func:`choice_logprobs`, with only the top ``ceil(rho N)`` visual tokens (by ``scorer``)
     entering the LLM (pruning before layer 0); also returns the kept indices ``[B, k]``."""
@@ -175,7 +198,8 @@ def pruned_choice_logprobs(
     enc = encode(processor, images, texts)
     visual = adapter.visual_positions(enc["input_ids"])
     embeds = adapter.embed(enc["input_ids"], enc["pixel_values"])
-    keep = select_tokens(score_tokens(scorer, adapter, enc, embeds, visual, seed=seed), rho)
+    scores = score_tokens(scorer, adapter, enc, embeds, visual, spec=spec, seed=seed, fusion=fusion)
+    keep = select_tokens(scores, rho)
     pr = prune_sequence(enc["input_ids"], enc["attention_mask"], embeds, visual, keep)
     out = model(
         inputs_embeds=pr.inputs_embeds,
@@ -213,12 +237,13 @@ def evaluate(
     mode: str = "loglik",
     progress: bool = True,
     desc: str = "eval",
-    prune: tuple | None = None,
+    prune: Pruning | None = None,
+    keep_log: list | None = None,
 ) -> dict:
     """Accuracy overall and per question type; ``dataset`` has image, prompt, choices, answer, qtype.
 
-    ``prune = (adapter, scorer, rho)`` keeps only the top ``ceil(rho N)`` visual tokens by ``scorer``
-    before the LLM (log-likelihood scoring only).
+    ``prune`` keeps only the top ``ceil(rho N)`` visual tokens by its scorer before the LLM (log-likelihood
+    scoring only); ``keep_log``, if given, receives each question's kept indices in data set order.
     """
     if mode not in ("loglik", "generate"):
         raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}")
@@ -227,6 +252,7 @@ def evaluate(
     correct: dict[str, list[int]] = defaultdict(list)
     predictions = []
     kept = None
+    kept_rows: list = []
     model.eval()
     n = len(dataset)
     keyed = "image_id" in dataset.column_names
@@ -239,11 +265,22 @@ def evaluate(
         batch = dataset[start : start + batch_size]
         if mode == "loglik":
             if prune is not None:
-                adapter, scorer, rho = prune
+                p = prune
                 scores, keep = pruned_choice_logprobs(
-                    model, adapter, processor, batch["image"], batch["prompt"], batch["choices"], scorer, rho
+                    model,
+                    p.adapter,
+                    processor,
+                    batch["image"],
+                    batch["prompt"],
+                    batch["choices"],
+                    p.scorer,
+                    p.rho,
+                    seed=p.seed,
+                    fusion=p.fusion,
+                    spec=p.spec,
                 )
                 kept = keep.shape[1]
+                kept_rows += keep.tolist()
             else:
                 scores = choice_logprobs(model, processor, batch["image"], batch["prompt"], batch["choices"])
             preds = [c[max(range(len(s)), key=s.__getitem__)] for s, c in zip(scores, batch["choices"], strict=True)]
@@ -255,6 +292,8 @@ def evaluate(
                 correct[t].append(ok)
             correct["all"].append(ok)
             predictions.append({"index": order[len(predictions)], "prediction": p, "answer": a, "correct": bool(ok)})
+    if keep_log is not None and kept_rows:
+        keep_log += [k for _, k in sorted(zip(order, kept_rows, strict=True))]
     predictions.sort(key=lambda p: p["index"])
     by_type = {
         t: {"accuracy": sum(v) / len(v), "n": len(v), "ci95": wilson(sum(v), len(v))}

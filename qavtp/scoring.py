@@ -39,6 +39,7 @@ SCORERS: dict[str, str] = {
 
 NORMS = ("minmax", "zscore")
 OUTLIERS = ("range", "linf")
+SEMANTICS = ("text", "cls")
 
 
 def check_scorer(name: str) -> str:
@@ -268,7 +269,8 @@ class FusionParams:
     ``outlier`` is the outlier intensity: ``range`` (max - min over channels, the paper's) or ``linf``
     (max |x|). Dividing by a calibrated channel statistic would change nothing here: every term is
     normalised per image, which cancels any constant factor. ``qspec`` is the simulated quantizer of
-    the error term (the deployed activation quantizer, or the paper's INT4 g128).
+    the error term (the deployed activation quantizer, or the paper's INT4 g128). ``semantic`` is the
+    relevance term: ``text`` (last prompt token's attention at layer 0) or ``cls`` (vision [CLS] attention).
     """
 
     alpha: float = 0.5
@@ -278,6 +280,7 @@ class FusionParams:
     outlier: str = "range"
     relative: bool = False
     qspec: dict = field(default_factory=lambda: QuantSpec(4, True, 128).to_dict())
+    semantic: str = "text"
 
     def __post_init__(self) -> None:
         _check_unit("alpha", self.alpha)
@@ -288,6 +291,8 @@ class FusionParams:
             raise QavtpError(f"unknown normalisation {self.norm!r}; valid: {', '.join(NORMS)}")
         if self.outlier not in OUTLIERS:
             raise QavtpError(f"unknown outlier intensity {self.outlier!r}; valid: {', '.join(OUTLIERS)}")
+        if self.semantic not in SEMANTICS:
+            raise QavtpError(f"unknown semantic score {self.semantic!r}; valid: {', '.join(SEMANTICS)}")
         QuantSpec.from_dict(self.qspec)
 
     @property
@@ -334,6 +339,13 @@ def fused_scores(sem: Tensor, X: Tensor, p: FusionParams) -> Tensor:
     return fuse(sem, hybrid_sensitivity(eq, o, p.beta, p.norm), p.alpha, p.direction, p.norm)
 
 
+def semantic_scores(adapter, enc, embeds: Tensor, visual_mask: Tensor, kind: str = "text") -> Tensor:
+    """The relevance term ``[B, N]`` at K = 0: text attention at layer 0 or the vision [CLS] attention."""
+    if kind == "cls":
+        return cls_attention(adapter, enc["pixel_values"])
+    return text_attention(adapter, embeds, 0, enc["attention_mask"], enc.get("position_ids"), visual_mask)
+
+
 _NORMS = {"linf": linf, "l1": l1, "l2": l2, "variance": variance}
 
 
@@ -354,15 +366,15 @@ def score_tokens(
     """
     check_scorer(name)
     X = gather_visual(embeds, visual_mask)
-    if name in ("semantic", "qavtp", "qapruner"):
-        sem = text_attention(adapter, embeds, 0, enc["attention_mask"], enc["position_ids"], visual_mask)
-        if name == "semantic":
-            return sem
-        if name == "qapruner":
-            return fused_scores(sem, X, qapruner_params(X.shape[-1]))
+    if name == "semantic":
+        return semantic_scores(adapter, enc, embeds, visual_mask, "text")
+    if name == "qapruner":
+        p = qapruner_params(X.shape[-1])
+        return fused_scores(semantic_scores(adapter, enc, embeds, visual_mask, p.semantic), X, p)
+    if name == "qavtp":
         if fusion is None:
             raise QavtpError("scorer 'qavtp' needs fusion weights: calibrate with --retain, then pass --artifact")
-        return fused_scores(sem, X, fusion)
+        return fused_scores(semantic_scores(adapter, enc, embeds, visual_mask, fusion.semantic), X, fusion)
     if name == "cls":
         return cls_attention(adapter, enc["pixel_values"])
     if name in _NORMS:
@@ -372,11 +384,9 @@ def score_tokens(
         if spec is not None:
             p = FusionParams(**{**p.to_dict(), "qspec": spec.to_dict()})
         eq, o = sensitivity_terms(X, p)
-        if name == "qerror":
-            return eq
-        if name == "outlier":
-            return o
-        return hybrid_sensitivity(eq, o, p.beta, p.norm)
+        value = eq if name == "qerror" else o if name == "outlier" else hybrid_sensitivity(eq, o, p.beta, p.norm)
+        # With learned fusion weights, a sensitivity term alone keeps the tokens the learned direction favours.
+        return value * (fusion.direction if fusion is not None else 1)
     if name == "random":
         return random_scores(X.shape[:2], seed)
     raise QavtpError(f"no scoring rule for {name!r}")

@@ -1,0 +1,245 @@
+"""Accuracy over retention ratios x scorers: the paper-shaped table, the ablation table and the plots."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from qavtp.errors import QavtpError
+from qavtp.evaluate import Pruning, evaluate
+from qavtp.scoring import check_scorer
+
+# Rows of the ablation table: every single metric, then the paper's recipe and the learned fusion.
+ABLATION = ("random", "linf", "l1", "l2", "variance", "outlier", "qerror", "hybrid", "cls", "semantic", "qapruner")
+N_EXAMPLES = 4  # questions whose kept tokens are drawn
+
+
+def quantizer_of(cfg: dict | None):
+    """The deployed activation quantizer of an artifact config (None: unquantized activations)."""
+    from qavtp.calibrate.quantizers import QuantSpec
+
+    if cfg and cfg["options"].get("activations"):
+        return QuantSpec.from_dict(cfg["options"]["activations"])
+    return None
+
+
+def parse_scorers(spec: str) -> list[str]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise QavtpError("--scorer names no scorer")
+    if names == ["ablation"]:
+        return [*ABLATION, "qavtp"]
+    return [check_scorer(n) for n in names]
+
+
+def run_sweep(
+    model,
+    adapter,
+    processor,
+    dataset,
+    ratios: list[float],
+    scorers: list[str],
+    label: str,
+    cfg: dict | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """One evaluation per (ratio, scorer); ratio 1 is the dense model, evaluated once.
+
+    ``cfg`` is the artifact config: the learned fusion weights of each ratio (scorer ``qavtp``; the
+    sensitivity terms of the ablation use its quantizer and direction) and the deployed activation quantizer.
+    """
+    from qavtp.calibrate.fusion import fusion_for
+
+    spec = quantizer_of(cfg)
+    has_fusion = bool(cfg and cfg.get("fusion", {}).get("ratios"))
+    if "qavtp" in scorers and any(r < 1 for r in ratios) and not has_fusion:
+        fusion_for(cfg or {}, min(ratios))  # raises the one-line "calibrated without fusion weights" error
+    from qavtp.evaluate import encode
+
+    probe = dataset[0]
+    n_visual = int(adapter.visual_positions(encode(processor, [probe["image"]], [probe["prompt"]])["input_ids"]).sum())
+    runs = []
+    for rho in sorted(set(ratios), reverse=True):
+        for scorer in ["dense"] if rho == 1 else scorers:
+            fusion = fusion_for(cfg, rho) if has_fusion and rho < 1 else None
+            prune = None if rho == 1 else Pruning(adapter, scorer, rho, fusion=fusion, spec=spec, seed=seed)
+            keep_log: list = []
+            t0 = time.time()
+            res = evaluate(
+                model,
+                processor,
+                dataset,
+                batch_size=batch_size,
+                prune=prune,
+                progress=progress,
+                desc=f"{label} {scorer} {rho:g}",
+                keep_log=keep_log,
+            )
+            runs.append(
+                {
+                    "model": label,
+                    "scorer": scorer,
+                    "retain": rho,
+                    "accuracy": res["accuracy"],
+                    "ci95": res["ci95"],
+                    "n": res["n"],
+                    "visual_tokens": n_visual,
+                    "visual_tokens_kept": res["visual_tokens_kept"] or n_visual,
+                    "by_type": res["by_type"],
+                    "seconds": round(time.time() - t0, 1),
+                    "correct": [int(p["correct"]) for p in res["predictions"]],
+                    "kept_examples": keep_log[:N_EXAMPLES],
+                }
+            )
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def _cell(run: dict | None) -> str:
+    if run is None:
+        return "–"
+    lo, hi = run["ci95"]
+    return f"{100 * run['accuracy']:.1f} ± {50 * (hi - lo):.1f}"
+
+
+def _find(runs: list[dict], model: str, scorer: str, rho: float) -> dict | None:
+    for r in runs:
+        if r["model"] == model and r["retain"] == rho and (r["scorer"] == scorer or (rho == 1 and scorer == "dense")):
+            return r
+    return None
+
+
+def _header(ratios: list[float]) -> list[str]:
+    cols = " | ".join(f"{100 * r:g} %" for r in ratios)
+    return [f"| method | {cols} |", "|---|" + "---:|" * len(ratios)]
+
+
+def paper_table(runs: list[dict], ratios: list[float]) -> str:
+    """Rows: each model dense, then each model with each scorer; columns: retention ratios."""
+    ratios = sorted(set(ratios), reverse=True)
+    lines = _header(ratios)
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    for m in models:
+        dense = _find(runs, m, "dense", 1.0)
+        if dense is not None:
+            lines.append(f"| {m} dense | " + " | ".join(_cell(dense) for _ in ratios) + " |")
+        for s in dict.fromkeys(r["scorer"] for r in runs if r["model"] == m and r["retain"] < 1):
+            cells = [_cell(_find(runs, m, s, rho)) if rho < 1 else "–" for rho in ratios]
+            lines.append(f"| {m} + {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fusion_table(cfg: dict) -> str:
+    """The learned fusion weights per ratio, with their calibration scores and the paper preset's."""
+    fus = cfg.get("fusion") or {}
+    if not fus.get("ratios"):
+        return ""
+    lines = [
+        f"Learned on {fus['n_samples']} calibration questions, objective {fus['objective']} "
+        f"(dense W4A4: KL {fus['dense']['kl']:.4f}, first-token accuracy {100 * fus['dense']['accuracy']:.1f} %).",
+        "",
+        "| retain | semantic | α | β | direction | norm | outlier | error | calib KL | calib acc "
+        "| qapruner KL | qapruner acc |",
+        "|---:|---|---:|---:|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for key, e in sorted(fus["ratios"].items(), key=lambda kv: -float(kv[0])):
+        p = e["params"]
+        direction = "keep sensitive" if p["direction"] == 1 else "keep robust"
+        lines.append(
+            f"| {float(key) * 100:g} % | {p['semantic']} | {p['alpha']:g} | {p['beta']:g} | {direction} | {p['norm']} "
+            f"| {p['outlier']} | {'relative' if p['relative'] else 'absolute'} | {e['kl']:.4f} "
+            f"| {100 * e['accuracy']:.1f} | {e['qapruner']['kl']:.4f} | {100 * e['qapruner']['accuracy']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def plot_accuracy(runs: list[dict], path) -> None:
+    """Accuracy vs retention, one line per (model, scorer); dense models as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ratios = sorted({r["retain"] for r in runs})
+    for r in runs:
+        if r["retain"] == 1:
+            ax.axhline(100 * r["accuracy"], ls="--", lw=1, color="gray")
+            ax.text(ratios[0], 100 * r["accuracy"] + 0.4, f"{r['model']} dense", fontsize=7, color="gray")
+    for m in dict.fromkeys(r["model"] for r in runs):
+        for s in dict.fromkeys(r["scorer"] for r in runs if r["model"] == m and r["retain"] < 1):
+            pts = sorted((r["retain"], r) for r in runs if r["model"] == m and r["scorer"] == s and r["retain"] < 1)
+            xs = [x for x, _ in pts]
+            ys = [100 * r["accuracy"] for _, r in pts]
+            err = [
+                [100 * (r["accuracy"] - r["ci95"][0]) for _, r in pts],
+                [100 * (r["ci95"][1] - r["accuracy"]) for _, r in pts],
+            ]
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, lw=1.2, label=f"{m} + {s}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ratios, [f"{100 * r:g} %" for r in ratios])
+    ax.set_xlabel("visual tokens kept")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_kept_tokens(dataset, runs: list[dict], model: str, scorers: list[str], rho: float, path) -> bool:
+    """The first questions' images with the dropped patches dimmed, one column per scorer. False if nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = [_find(runs, model, s, rho) for s in scorers]
+    cols = [(s, c) for s, c in zip(scorers, cols, strict=True) if c is not None and c["kept_examples"]]
+    if not cols:
+        return False
+    n = min(len(c["kept_examples"]) for _, c in cols)
+    fig, axes = plt.subplots(n, len(cols), figsize=(2.6 * len(cols), 2.8 * n), squeeze=False)
+    for i in range(n):
+        row = dataset[i]
+        img = np.asarray(row["image"].convert("RGB"), dtype=np.float32) / 255
+        for j, (s, c) in enumerate(cols):
+            kept = c["kept_examples"][i]
+            side = math.isqrt(c["visual_tokens"])
+            mask = np.zeros(side * side, dtype=bool)
+            mask[kept] = True
+            h, w = img.shape[:2]
+            grid = mask.reshape(side, side).repeat(-(-h // side), 0).repeat(-(-w // side), 1)[:h, :w]
+            shown = img * np.where(grid, 1.0, 0.25)[..., None]
+            ax = axes[i][j]
+            ax.imshow(shown, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ok = "✓" if c["correct"][i] else "✗"
+            title = f"{s}: {len(kept)} kept {ok}" if i else f"{s}\n{len(kept)} kept {ok}"
+            ax.set_title(title, fontsize=8)
+        axes[i][0].set_ylabel(_wrap(row["question"]), fontsize=7)
+    fig.suptitle(f"{model}: kept visual tokens at {100 * rho:g} % (dimmed: dropped)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if len(cur) + len(w) + 1 > width and cur:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return "\n".join([*lines, cur])
