@@ -124,6 +124,14 @@ def calibrate(model, output, wasym, aasym, data_spec, **options):
     show_default=True,
     help="Token scorer(s) for --retain, comma-separated; 'ablation' runs every scorer.",
 )
+@click.option(
+    "--layer",
+    "layer_k",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Prune before decoder layer K (0: before the LLM).",
+)
 @click.option("--with-fp", is_flag=True, help="With --artifact: also evaluate the floating-point source model.")
 @click.option(
     "--fp-scorers", default="semantic", show_default=True, help="Scorers for the floating-point rows of --with-fp."
@@ -146,6 +154,7 @@ def eval_cmd(
     dtype,
     retain,
     scorer,
+    layer_k,
     with_fp,
     fp_scorers,
     output,
@@ -169,8 +178,8 @@ def eval_cmd(
     scorers = parse_scorers(scorer)
     if with_fp and not artifact:
         raise QavtpError("--with-fp needs --artifact (the floating-point model is the artifact's source)")
-    if ratios and mode != "loglik":
-        raise QavtpError("pruning is evaluated with --mode loglik only")
+    if mode != "loglik" and (len(ratios) > 1 or len(scorers) > 1 or with_fp):
+        raise QavtpError("sweeps (several --retain or --scorer values, --with-fp) use --mode loglik")
     cfg = None
     if artifact:
         from qavtp.calibrate.artifact import read_config
@@ -189,6 +198,7 @@ def eval_cmd(
             ds,
             ratios or [1.0],
             scorers,
+            layer_k,
             with_fp,
             fp_scorers,
             dtype,
@@ -202,13 +212,17 @@ def eval_cmd(
     net, processor, adapter = _load(model, artifact, dtype, cache_dir)
     model = f"artifact {artifact}" if artifact else (model or DEFAULT_MODEL)
     rho = ratios[0] if ratios else None
+    if rho is not None:
+        from qavtp.scoring import check_layer
+
+        check_layer(len(adapter.decoder_layers), layer_k)
     prune = None
     if rho is not None:
         from qavtp.evaluate import Pruning
         from qavtp.sweep import quantizer_of
 
         fusion = fusion_for(cfg, rho) if cfg and cfg.get("fusion") and rho < 1 else None
-        prune = Pruning(adapter, scorers[0], rho, fusion=fusion, spec=quantizer_of(cfg), seed=seed)
+        prune = Pruning(adapter, scorers[0], rho, fusion=fusion, spec=quantizer_of(cfg), seed=seed, layer=layer_k)
     t0 = time.time()
     results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode, prune=prune)
     results["seconds"] = round(time.time() - t0, 1)
@@ -222,8 +236,9 @@ def eval_cmd(
         dtype=dtype,
         retain=rho,
         scorer=scorers[0] if rho is not None else None,
+        layer=layer_k if rho is not None else None,
     )
-    pruning = f", retain {rho} by {scorers[0]}" if rho is not None else ""
+    pruning = f", retain {rho} by {scorers[0]} at K={layer_k}" if rho is not None else ""
     title = f"{model} on {data_spec} ({split}, n={results['n']}, {mode}, {dtype}{pruning})"
     table = markdown_table(results, title)
     click.echo(table)
@@ -241,6 +256,7 @@ def _sweep(
     ds,
     ratios,
     scorers,
+    layer_k,
     with_fp,
     fp_scorers,
     dtype,
@@ -260,11 +276,12 @@ def _sweep(
     label = _label(cfg)
     if with_fp:
         net, processor, adapter = _load(cfg["source"]["model"] if model is None else model, None, dtype, cache_dir)
-        runs += run_sweep(net, adapter, processor, ds, ratios, parse_scorers(fp_scorers), "FP", None, batch_size, seed)
+        fp = parse_scorers(fp_scorers)
+        runs += run_sweep(net, adapter, processor, ds, ratios, fp, "FP", None, batch_size, seed, layer=layer_k)
         del net, adapter
         gc.collect()
     net, processor, adapter = _load(model, artifact, dtype, cache_dir)
-    runs += run_sweep(net, adapter, processor, ds, ratios, scorers, label, cfg, batch_size, seed)
+    runs += run_sweep(net, adapter, processor, ds, ratios, scorers, label, cfg, batch_size, seed, layer=layer_k)
     title = f"{artifact or model or DEFAULT_MODEL} on {data_config['data']} ({data_config['split']}, n={len(ds)})"
     md = [f"### {title}", "", "Accuracy (%) ± half the 95 % Wilson interval; columns: visual tokens kept.", ""]
     md.append(paper_table(runs, ratios))

@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from qavtp.data.prompts import chat_prompt
-from qavtp.errors import QavtpError
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -132,12 +131,20 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
     )
     at = torch.tensor([keep.index(i) for i in last])
     first = out.logits[torch.arange(len(ids)), at].float().log_softmax(-1)
-    return _score_candidates(model, tok, first, out.cache, attn, start + s_len, choices)
+    cache, next_pos = out.cache, start + s_len
+
+    def continue_fn(rows, c_ids, c_mask):
+        cache.reorder_cache(rows)
+        attn2 = torch.cat([attn[rows], c_mask], 1)
+        pos2 = next_pos[rows][:, None] + torch.arange(c_ids.shape[1])
+        return model(input_ids=c_ids, attention_mask=attn2, position_ids=pos2, cache=cache).logits
+
+    return _score_candidates(tok, first, choices, continue_fn)
 
 
-def _score_candidates(model, tok, first, cache, attn, next_pos, choices) -> list[list[float]]:
-    """Candidates' summed log-probabilities: ``first`` [B, V] scores first tokens; longer candidates
-    continue from ``cache`` (whose rows match ``attn`` [B, L]) at positions ``next_pos`` [B]."""
+def _score_candidates(tok, first, choices, continue_fn) -> list[list[float]]:
+    """Candidates' summed log-probabilities: ``first`` [B, V] scores first tokens; longer candidates continue
+    through ``continue_fn(rows, ids, mask)``, the logits of right-padded ``ids`` appended to those prompt rows."""
     pad = tok.pad_token_id
     scores: list[list[float]] = []
     long_pairs: list[tuple[int, int, list[int]]] = []
@@ -151,12 +158,8 @@ def _score_candidates(model, tok, first, cache, attn, next_pos, choices) -> list
         scores.append(row)
     if long_pairs:
         rows = torch.tensor([i for i, _, _ in long_pairs])
-        cache.reorder_cache(rows)
         c_ids, c_mask = _pad([cids[:-1] for _, _, cids in long_pairs], pad, left=False)
-        attn2 = torch.cat([attn[rows], c_mask], 1)
-        pos2 = next_pos[rows][:, None] + torch.arange(c_ids.shape[1])
-        logp = model(input_ids=c_ids, attention_mask=attn2, position_ids=pos2, cache=cache).logits
-        logp = logp.float().log_softmax(-1)
+        logp = continue_fn(rows, c_ids, c_mask).float().log_softmax(-1)
         for k, (i, j, cids) in enumerate(long_pairs):
             rest = torch.tensor(cids[1:])
             scores[i][j] += logp[k, : len(rest)].gather(-1, rest[:, None]).sum().item()
@@ -173,44 +176,58 @@ class Pruning:
     fusion: object | None = None  # qavtp.scoring.FusionParams of this ratio (scorer qavtp; sensitivity ablation)
     spec: object | None = None  # the deployed activation quantizer (qerror ablation)
     seed: int = 0
+    layer: int = 0  # K: prune before decoder layer K (0: before the LLM)
+
+
+def _pruned_prefill(prune: Pruning, processor, images, texts):
+    from qavtp.pruned_lm import pruned_prefill
+    from qavtp.scoring import score_tokens
+
+    p = prune
+    enc = encode(processor, images, texts)
+
+    def scores(hidden, visual, pad, pos):
+        return score_tokens(
+            p.scorer,
+            p.adapter,
+            {**enc, "attention_mask": pad, "position_ids": pos},
+            hidden,
+            visual,
+            spec=p.spec,
+            seed=p.seed,
+            fusion=p.fusion,
+            layer=p.layer,
+        )
+
+    return pruned_prefill(p.adapter, enc, scores, p.rho, p.layer)
 
 
 @torch.no_grad()
-def pruned_choice_logprobs(
-    model,
-    adapter,
-    processor,
-    images,
-    texts,
-    choices,
-    scorer: str,
-    rho: float,
-    seed: int = 0,
-    fusion=None,
-    spec=None,
-) -> tuple[list[list[float]], torch.Tensor]:
-    """As :func:`choice_logprobs`, with only the top ``ceil(rho N)`` visual tokens (by ``scorer``)
-    entering the LLM (pruning before layer 0); also returns the kept indices ``[B, k]``."""
-    from qavtp.pruning import prune_sequence, select_tokens
-    from qavtp.scoring import score_tokens
+def pruned_choice_logprobs(prune: Pruning, processor, images, texts, choices) -> tuple[list[list[float]], torch.Tensor]:
+    """As :func:`choice_logprobs`, with only the top ``ceil(rho N)`` visual tokens (by the scorer) kept from
+    decoder layer K on; also returns the kept indices ``[B, k]``."""
+    from qavtp.pruned_lm import extend
 
+    logits, state = _pruned_prefill(prune, processor, images, texts)
+    first = logits.float().log_softmax(-1)
+
+    def continue_fn(rows, c_ids, c_mask):
+        return extend(prune.adapter, state.select(rows), c_ids, c_mask)
+
+    keep = state.keep_idx.clone()
+    return _score_candidates(processor.tokenizer, first, choices, continue_fn), keep
+
+
+@torch.no_grad()
+def pruned_generate_answers(prune: Pruning, processor, images, texts, max_new_tokens: int = 8):
+    """Greedy answers with pruning, and the kept indices."""
+    from qavtp.pruned_lm import pruned_generate
+
+    logits, state = _pruned_prefill(prune, processor, images, texts)
+    keep = state.keep_idx.clone()
     tok = processor.tokenizer
-    enc = encode(processor, images, texts)
-    visual = adapter.visual_positions(enc["input_ids"])
-    embeds = adapter.embed(enc["input_ids"], enc["pixel_values"])
-    scores = score_tokens(scorer, adapter, enc, embeds, visual, spec=spec, seed=seed, fusion=fusion)
-    keep = select_tokens(scores, rho)
-    pr = prune_sequence(enc["input_ids"], enc["attention_mask"], embeds, visual, keep)
-    out = model(
-        inputs_embeds=pr.inputs_embeds,
-        attention_mask=pr.attention_mask,
-        position_ids=pr.position_ids,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    first = out.logits[:, -1].float().log_softmax(-1)
-    next_pos = pr.position_ids[:, -1] + 1
-    return _score_candidates(model, tok, first, out.cache, pr.attention_mask, next_pos, choices), keep
+    out = pruned_generate(prune.adapter, state, logits, tok.eos_token_id, max_new_tokens)
+    return tok.batch_decode(out, skip_special_tokens=True), keep
 
 
 def normalize_answer(text: str) -> str:
@@ -247,8 +264,6 @@ def evaluate(
     """
     if mode not in ("loglik", "generate"):
         raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}")
-    if prune is not None and mode != "loglik":
-        raise QavtpError("pruning is evaluated with --mode loglik only")
     correct: dict[str, list[int]] = defaultdict(list)
     predictions = []
     kept = None
@@ -265,27 +280,21 @@ def evaluate(
         batch = dataset[start : start + batch_size]
         if mode == "loglik":
             if prune is not None:
-                p = prune
                 scores, keep = pruned_choice_logprobs(
-                    model,
-                    p.adapter,
-                    processor,
-                    batch["image"],
-                    batch["prompt"],
-                    batch["choices"],
-                    p.scorer,
-                    p.rho,
-                    seed=p.seed,
-                    fusion=p.fusion,
-                    spec=p.spec,
+                    prune, processor, batch["image"], batch["prompt"], batch["choices"]
                 )
-                kept = keep.shape[1]
-                kept_rows += keep.tolist()
             else:
                 scores = choice_logprobs(model, processor, batch["image"], batch["prompt"], batch["choices"])
             preds = [c[max(range(len(s)), key=s.__getitem__)] for s, c in zip(scores, batch["choices"], strict=True)]
         else:
-            preds = [normalize_answer(t) for t in generate_answers(model, processor, batch["image"], batch["prompt"])]
+            if prune is not None:
+                texts, keep = pruned_generate_answers(prune, processor, batch["image"], batch["prompt"])
+            else:
+                texts = generate_answers(model, processor, batch["image"], batch["prompt"])
+            preds = [normalize_answer(t) for t in texts]
+        if prune is not None:
+            kept = keep.shape[1]
+            kept_rows += keep.tolist()
         for p, a, t in zip(preds, batch["answer"], batch["qtype"], strict=True):
             ok = int(normalize_answer(p) == normalize_answer(a))
             if t != "all":

@@ -339,11 +339,11 @@ def fused_scores(sem: Tensor, X: Tensor, p: FusionParams) -> Tensor:
     return fuse(sem, hybrid_sensitivity(eq, o, p.beta, p.norm), p.alpha, p.direction, p.norm)
 
 
-def semantic_scores(adapter, enc, embeds: Tensor, visual_mask: Tensor, kind: str = "text") -> Tensor:
-    """The relevance term ``[B, N]`` at K = 0: text attention at layer 0 or the vision [CLS] attention."""
+def semantic_scores(adapter, enc, hidden: Tensor, visual_mask: Tensor, kind: str = "text", layer: int = 0) -> Tensor:
+    """The relevance term ``[B, N]``: text attention at layer K (``hidden`` enters it) or vision [CLS] attention."""
     if kind == "cls":
         return cls_attention(adapter, enc["pixel_values"])
-    return text_attention(adapter, embeds, 0, enc["attention_mask"], enc.get("position_ids"), visual_mask)
+    return text_attention(adapter, hidden, layer, enc["attention_mask"], enc.get("position_ids"), visual_mask)
 
 
 _NORMS = {"linf": linf, "l1": l1, "l2": l2, "variance": variance}
@@ -358,16 +358,20 @@ def score_tokens(
     spec: QuantSpec | None = None,
     seed: int = 0,
     fusion: FusionParams | None = None,
+    layer: int = 0,
 ) -> Tensor:
-    """Scores ``[B, N]`` of the visual tokens by scorer ``name``, for pruning before the LLM (K = 0).
+    """Scores ``[B, N]`` of the visual tokens by scorer ``name`` at the pruning point, layer K = ``layer``.
 
-    ``embeds`` are the input embeddings with the visual tokens in place (``adapter.embed``); ``spec`` the
-    deployed activation quantizer (for ``qerror``); ``fusion`` the learned parameters (for ``qavtp``).
+    ``embeds`` are the hidden states entering layer K (for K = 0 the input embeddings with the visual tokens
+    in place, ``adapter.embed``); ``spec`` the deployed activation quantizer (for ``qerror``); ``fusion``
+    the learned parameters (for ``qavtp``), learned for pruning at layer 0.
     """
+    if name in ("qavtp", "qapruner") and layer != 0:
+        raise QavtpError(f"scorer {name!r} is learned for pruning before the LLM (K = 0), not at K = {layer}")
     check_scorer(name)
     X = gather_visual(embeds, visual_mask)
     if name == "semantic":
-        return semantic_scores(adapter, enc, embeds, visual_mask, "text")
+        return semantic_scores(adapter, enc, embeds, visual_mask, "text", layer)
     if name == "qapruner":
         p = qapruner_params(X.shape[-1])
         return fused_scores(semantic_scores(adapter, enc, embeds, visual_mask, p.semantic), X, p)

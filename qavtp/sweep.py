@@ -44,6 +44,7 @@ def run_sweep(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    layer: int = 0,
 ) -> list[dict]:
     """One evaluation per (ratio, scorer); ratio 1 is the dense model, evaluated once.
 
@@ -51,6 +52,9 @@ def run_sweep(
     sensitivity terms of the ablation use its quantizer and direction) and the deployed activation quantizer.
     """
     from qavtp.calibrate.fusion import fusion_for
+    from qavtp.scoring import check_layer
+
+    check_layer(len(adapter.decoder_layers), layer)
 
     spec = quantizer_of(cfg)
     has_fusion = bool(cfg and cfg.get("fusion", {}).get("ratios"))
@@ -64,7 +68,7 @@ def run_sweep(
     for rho in sorted(set(ratios), reverse=True):
         for scorer in ["dense"] if rho == 1 else scorers:
             fusion = fusion_for(cfg, rho) if has_fusion and rho < 1 else None
-            prune = None if rho == 1 else Pruning(adapter, scorer, rho, fusion=fusion, spec=spec, seed=seed)
+            prune = None if rho == 1 else Pruning(adapter, scorer, rho, fusion, spec, seed, layer)
             keep_log: list = []
             t0 = time.time()
             res = evaluate(
@@ -82,6 +86,7 @@ def run_sweep(
                     "model": label,
                     "scorer": scorer,
                     "retain": rho,
+                    "layer": layer,
                     "accuracy": res["accuracy"],
                     "ci95": res["ci95"],
                     "n": res["n"],

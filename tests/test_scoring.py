@@ -321,36 +321,38 @@ def test_prune_sequence_shapes(tiny, enc):
         prune_sequence(enc["input_ids"], enc["attention_mask"], emb, vis, torch.tensor([[1, 1]] * 3))
 
 
-def test_pruned_scoring_at_full_retention_equals_dense(tiny_llava_dir, easyvqa_test):
+@pytest.mark.parametrize("K", [0, 1])
+def test_pruned_scoring_at_full_retention_equals_dense(tiny_llava_dir, easyvqa_test, K):
     from qavtp.data.easyvqa import COLORS
-    from qavtp.evaluate import choice_logprobs, pruned_choice_logprobs
+    from qavtp.evaluate import Pruning, choice_logprobs, pruned_choice_logprobs
 
     model, processor, adapter = load_model(tiny_llava_dir)
     rows = easyvqa_test.select([0, 1, 5])
     choices = [[*COLORS, "purple triangle"]] * 3  # several tokens: the cache continuation runs too
     dense = choice_logprobs(model, processor, rows["image"], rows["prompt"], choices)
-    full, keep = pruned_choice_logprobs(model, adapter, processor, rows["image"], rows["prompt"], choices, "l2", 1.0)
+    prune = Pruning(adapter, "l2", 1.0, layer=K)
+    full, keep = pruned_choice_logprobs(prune, processor, rows["image"], rows["prompt"], choices)
     assert keep.shape == (3, 16)
     for a, b in zip(full, dense, strict=True):
         assert a == pytest.approx(b, abs=2e-4)
 
 
-@pytest.mark.parametrize("scorer", ["semantic", "cls", "l2", "qerror", "outlier", "random"])
-def test_pruned_scoring_keeps_a_quarter_and_matches_per_sample(tiny_llava_dir, easyvqa_test, scorer):
+@pytest.mark.parametrize(
+    ("scorer", "K"),
+    [("semantic", 0), ("cls", 0), ("l2", 0), ("qerror", 0), ("outlier", 0), ("random", 0), ("semantic", 1)],
+)
+def test_pruned_scoring_keeps_a_quarter_and_matches_per_sample(tiny_llava_dir, easyvqa_test, scorer, K):
     from qavtp.data.easyvqa import SHAPES
-    from qavtp.evaluate import pruned_choice_logprobs
+    from qavtp.evaluate import Pruning, pruned_choice_logprobs
 
     model, processor, adapter = load_model(tiny_llava_dir)
     rows = easyvqa_test.select([0, 12, 30])
     choices = [list(SHAPES)] * 3
-    batch, keep = pruned_choice_logprobs(
-        model, adapter, processor, rows["image"], rows["prompt"], choices, scorer, 0.25
-    )
+    prune = Pruning(adapter, scorer, 0.25, layer=K)
+    batch, keep = pruned_choice_logprobs(prune, processor, rows["image"], rows["prompt"], choices)
     assert keep.shape == (3, 4) and bool((keep.diff(dim=1) > 0).all())
     for i in range(3):
-        alone, k1 = pruned_choice_logprobs(
-            model, adapter, processor, [rows["image"][i]], [rows["prompt"][i]], [choices[i]], scorer, 0.25
-        )
+        alone, k1 = pruned_choice_logprobs(prune, processor, [rows["image"][i]], [rows["prompt"][i]], [choices[i]])
         if scorer != "random":  # random draws one matrix per batch shape
             assert torch.equal(k1[0], keep[i])
             assert batch[i] == pytest.approx(alone[0], abs=2e-4)
@@ -372,7 +374,7 @@ def test_cli_eval_with_pruning_and_bad_pruning_input(tiny_llava_dir, tmp_path):
     for args, needle in (
         (["--retain", "1.5"], "retention ratio must lie in (0, 1]"),
         (["--retain", "0.5", "--scorer", "fastest"], "unknown scorer 'fastest'; valid: semantic"),
-        (["--retain", "0.5", "--mode", "generate"], "loglik only"),
+        (["--retain", "0.5", "--layer", "7"], "layer K=7 is beyond the model's 2 decoder layers"),
     ):
         r = run(main, ["eval", str(tiny_llava_dir), "--limit", "2", *args])
         assert r.exit_code == 2 and needle in r.output, r.output
