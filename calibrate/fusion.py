@@ -260,13 +260,16 @@ def learn_fusion(
         "ratios": {},
     }
     rank = _rank(objective)
-    bar = tqdm(ratios, desc="learning fusion weights", unit="ratio", disable=not progress)
-    for rho in bar:
+    # Three search stages per ratio; each runs every new kept set of every question once.
+    bar = tqdm(total=3 * len(ratios), desc="learning fusion weights", unit="stage", disable=not progress)
+    for rho in ratios:
         curve: list[dict] = []
 
         def run(configs: list[FusionParams], stage: int, rho=rho, curve=curve, rank=rank) -> FusionParams:
+            bar.set_postfix(retain=rho, stage=stage, forwards=judge.forwards)
             for p, m in zip(configs, judge.judge(configs, rho), strict=True):
                 curve.append({"stage": stage, "params": p.to_dict(), "kl": m[0], "accuracy": m[1]})
+            bar.update()
             return FusionParams.from_dict(min(curve, key=rank)["params"])
 
         best = run(candidate_grid(base, 1), 1)
@@ -285,7 +288,8 @@ def learn_fusion(
             "qapruner": {"kl": preset_entry["kl"], "accuracy": preset_entry["accuracy"]},
             "curve": curve,
         }
-        bar.set_postfix(rho=rho, kl=f"{chosen['kl']:.3f}", acc=f"{chosen['accuracy']:.3f}")
+        bar.write(f"retain {rho:g}: {best.to_dict()} KL {chosen['kl']:.4f} (paper preset {preset_entry['kl']:.4f})")
+    bar.close()
     result["forwards"] = judge.forwards
     result["seconds"] = round(time.time() - t0, 1)
     return result
