@@ -93,4 +93,3 @@ def build_decode(adapter, fmt: str, accuracy_level: int = 0) -> Graph:
         g.output(kk, f"present.{i}.key", FLOAT, _cache_dims(dec, "total_seq"))
         g.output(vv, f"present.{i}.value", FLOAT, _cache_dims(dec, "total_seq"))
     return g
-

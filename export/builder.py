@@ -60,14 +60,18 @@ class Graph:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> str | list[str]:
+    def op(
+        self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", **attrs
+    ) -> str | list[str]:
         """Add a node; returns its output name (or names when ``outputs`` asks for several)."""
         names = outputs if isinstance(outputs, list) else [self.fresh(op_type) for _ in range(outputs)]
         if domain == MS_DOMAIN:
             self.uses_ms_domain = True
         attrs = {k: v for k, v in attrs.items() if v is not None}
         self.nodes.append(
-            helper.make_node(op_type, list(inputs), names, name=f"{self.scope}/{self.fresh(op_type)}", domain=domain, **attrs)
+            helper.make_node(
+                op_type, list(inputs), names, name=f"{self.scope}/{self.fresh(op_type)}", domain=domain, **attrs
+            )
         )
         return names[0] if len(names) == 1 else names
 

@@ -35,13 +35,17 @@ def check_supported(model: nn.Module) -> None:
     """LLaVA with a CLIP tower and a LLaMA-style decoder, default RoPE; one clear error otherwise."""
     cfg = model.config
     if cfg.model_type != "llava":
-        raise QavtpError(f"cannot export model type {cfg.model_type!r}: only llava (CLIP + LLaMA-style LLM) is supported")
+        raise QavtpError(
+            f"cannot export model type {cfg.model_type!r}: only llava (CLIP + LLaMA-style LLM) is supported"
+        )
     vt = cfg.vision_config.model_type
     if vt not in VISION_TYPES:
         raise QavtpError(f"cannot export vision tower type {vt!r}: only {', '.join(VISION_TYPES)} is supported")
     text = cfg.get_text_config()
     if text.model_type not in DECODER_TYPES:
-        raise QavtpError(f"cannot export decoder type {text.model_type!r}: only {', '.join(DECODER_TYPES)} are supported")
+        raise QavtpError(
+            f"cannot export decoder type {text.model_type!r}: only {', '.join(DECODER_TYPES)} are supported"
+        )
     if getattr(text, "hidden_act", "silu") != "silu":
         raise QavtpError(f"cannot export a decoder with hidden_act {text.hidden_act!r} (SwiGLU with silu only)")
     if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
@@ -178,7 +182,9 @@ class Decoder:
         q5 = g.op("Reshape", q, g.const([0, self.kv_heads, rep, -1, self.head_dim], I64))
         k5 = g.op("Unsqueeze", k, g.const([2], I64))
         v5 = g.op("Unsqueeze", v, g.const([2], I64))
-        logits = g.op("Mul", g.op("MatMul", q5, g.op("Transpose", k5, perm=[0, 1, 2, 4, 3])), g.const(np.float32(self.scaling)))
+        logits = g.op(
+            "Mul", g.op("MatMul", q5, g.op("Transpose", k5, perm=[0, 1, 2, 4, 3])), g.const(np.float32(self.scaling))
+        )
         logits = g.op("Where", allowed, logits, g.const(np.float32(MASKED)))
         out = g.op("MatMul", g.op("Softmax", logits, axis=-1), v5)
         return g.op("Reshape", out, g.const([0, self.heads, -1, self.head_dim], I64))

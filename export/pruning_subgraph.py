@@ -97,7 +97,7 @@ def _l2(g: Graph, x: str) -> str:
 
 
 def fused_scores(g: Graph, sem: str, X: str, dim: int, p: FusionParams) -> str:
-    """``qavtp.scoring.fused_scores``: alpha norm(sem) + (1 - alpha) direction norm(beta norm(eq) + (1 - beta) norm(o))."""
+    """``qavtp.scoring.fused_scores``: a norm(sem) + (1 - a) dir norm(b norm(eq) + (1 - b) norm(o))."""
     err = _l2(g, g.op("Sub", X, fake_quant(g, X, p.spec, dim)))
     if p.relative:
         norm = _l2(g, X)
@@ -133,7 +133,15 @@ class Pruned:
 
 
 def prune(
-    g: Graph, dec: Decoder, emb: str, mask: str, is_image: str, vis: str, n: int, k: int, scorer: str,
+    g: Graph,
+    dec: Decoder,
+    emb: str,
+    mask: str,
+    is_image: str,
+    vis: str,
+    n: int,
+    k: int,
+    scorer: str,
     params: FusionParams | None,
 ) -> Pruned:
     """Score the N visual tokens, keep the top k, and drop the others from the sequence."""
