@@ -36,7 +36,7 @@ class Tensor:
 
     @classmethod
     def from_numpy(cls, a: np.ndarray) -> Tensor:
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a, order="C")  # (ascontiguousarray would turn a scalar into shape [1])
         if a.dtype not in _NP_TO_ONNX:
             raise TypeError(f"no ONNX type for numpy dtype {a.dtype}")
         return cls(_NP_TO_ONNX[a.dtype], a.shape, a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
