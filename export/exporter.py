@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
 import onnx
 
+from qavtp.calibrate.artifact import read_config
+from qavtp.calibrate.fusion import fusion_for
 from qavtp.errors import QavtpError
 from qavtp.export.build import build_decode, build_prefill
 from qavtp.export.builder import Graph
@@ -21,6 +24,8 @@ from qavtp.export.graph import check_supported
 from qavtp.export.int4 import check_format
 from qavtp.export.weights import WeightStore, to_model
 from qavtp.io import atomic_dir
+from qavtp.pruning import check_ratio, keep_count
+from qavtp.scoring import qapruner_params
 
 EXPORT_SCORERS = ("qavtp", "qapruner", "semantic")
 EXPORT_VERSION = 1
@@ -108,6 +113,34 @@ def _quantization(cfg: dict | None, fmt: str, accuracy_level: int) -> dict:
     }
 
 
+@dataclass
+class Loaded:
+    """A model ready to export, with where it came from (``cfg`` is the artifact config, None for a model)."""
+
+    model: object
+    processor: object
+    adapter: object
+    cfg: dict | None
+    source: dict
+
+
+def load_source(source: str, cache_dir: str | os.PathLike | None = None) -> Loaded:
+    """An artifact directory, a LLaVA checkpoint directory or ``smollava-easyvqa``, loaded and checked."""
+    loaded = Loaded(*_load(source, cache_dir))
+    check_supported(loaded.model)
+    return loaded
+
+
+def _check_options(rho: float, scorer: str, fmt: str, accuracy_level: int) -> float:
+    check_format(fmt)
+    rho = check_ratio(rho)
+    if rho < 1 and scorer not in EXPORT_SCORERS:
+        raise QavtpError(f"scorer {scorer!r} cannot be exported; use one of {', '.join(EXPORT_SCORERS)}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QavtpError(f"accuracy level must be 0..4, got {accuracy_level}")
+    return rho
+
+
 def export_model(
     source: str,
     out_dir: str | os.PathLike,
@@ -119,31 +152,31 @@ def export_model(
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Export ``source`` (an artifact directory, a LLaVA checkpoint or ``smollava-easyvqa``) to ``out_dir``."""
-    from qavtp.pruning import check_ratio, keep_count
-    from qavtp.scoring import qapruner_params
-
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
-    check_format(fmt)
-    rho = check_ratio(retain)
-    if rho < 1 and scorer not in EXPORT_SCORERS:
-        raise QavtpError(f"scorer {scorer!r} cannot be exported; use one of {', '.join(EXPORT_SCORERS)}")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise QavtpError(f"accuracy level must be 0..4, got {accuracy_level}")
-    if rho < 1 and scorer == "qavtp" and not is_artifact(source):
-        raise QavtpError(
-            "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
-        )
+    rho = _check_options(retain, scorer, fmt, accuracy_level)
+    if rho < 1 and scorer == "qavtp":
+        if not is_artifact(source):
+            raise QavtpError(
+                "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
+            )
+        fusion_for(read_config(source), rho)  # fail before loading anything
+    return write_export(load_source(source, cache_dir), out, rho, scorer, fmt, accuracy_level)
 
-    model, processor, adapter, cfg, src = _load(source, cache_dir)
-    check_supported(model)
+
+def write_export(loaded: Loaded, out: Path, retain: float, scorer: str, fmt: str, accuracy_level: int = 0) -> Path:
+    """Build both graphs of a loaded model and write the export directory (replacing ``out`` atomically)."""
+    rho = _check_options(retain, scorer, fmt, accuracy_level)
+    model, processor, adapter, cfg = loaded.model, loaded.processor, loaded.adapter, loaded.cfg
     n = _n_visual(model)
     k = keep_count(n, rho)
     params = None
     if rho < 1 and scorer == "qavtp":
-        from qavtp.calibrate.fusion import fusion_for
-
+        if cfg is None:
+            raise QavtpError(
+                "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
+            )
         params = fusion_for(cfg, rho)
     elif rho < 1 and scorer == "qapruner":
         params = qapruner_params(adapter.embed_tokens.weight.shape[1])
@@ -162,7 +195,7 @@ def export_model(
         "qavtp_version": version("qavtp"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "opset": 21,
-        "source": src,
+        "source": loaded.source,
         "files": {"prefill": PREFILL, "decode": DECODE, "weights": WEIGHTS},
         "graphs": {"prefill": _graph_io(prefill), "decode": _graph_io(decode)},
         "quantization": _quantization(cfg, weight_fmt, accuracy_level),
