@@ -253,11 +253,11 @@ def run_cmd(export_dir, image, question, max_new_tokens, threads):
     t = gen.timings_ms
     click.echo(gen.text.strip())
     click.echo(f"visual tokens kept: {gen.kept}/{gen.n_visual}")
-    rate = t["new_tokens"] / (t["decode_ms"] / 1000) if t["decode_ms"] > 0 else float("nan")
+    rate = t["decode_steps"] / (t["decode_ms"] / 1000) if t["decode_steps"] else float("nan")
     click.echo(
         f"time: vision+scoring+prune {t['vision_scoring_prune_ms']:.1f} ms, LLM prefill {t['llm_prefill_ms']:.1f} ms "
         f"(kernel time; prefill wall {t['prefill_wall_ms']:.1f} ms), decode {t['decode_ms']:.1f} ms "
-        f"for {t['new_tokens']} tokens ({rate:.1f} tokens/s)"
+        f"for {t['new_tokens']} new tokens ({t['decode_steps']} decode steps, {rate:.1f} tokens/s)"
     )
 
 

@@ -282,17 +282,23 @@ class ExportedModel:
         pos = mask.sum(1, keepdims=True)  # contiguous positions: the next one is the count of real tokens
         tokens: list[int] = []
         nxt = int(out["logits"][0].argmax())
-        past = out
+        past, steps = out, 0
         while nxt not in eos and len(tokens) < max_new_tokens:
             tokens.append(nxt)
             if len(tokens) == max_new_tokens:
                 break
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
             past = self.run_decode(np.array([[nxt]], np.int64), mask, pos, past)
+            steps += 1
             pos = pos + 1
             nxt = int(past["logits"][0, -1].argmax())
         t2 = time.perf_counter()
-        timings = {"prefill_wall_ms": (t1 - t0) * 1000, "decode_ms": (t2 - t1) * 1000, "new_tokens": len(tokens)}
+        timings = {
+            "prefill_wall_ms": (t1 - t0) * 1000,
+            "decode_ms": (t2 - t1) * 1000,
+            "new_tokens": len(tokens),
+            "decode_steps": steps,
+        }
         timings.update(self.stage_times())
         kept = out["kept_indices"][0]
         return Generation(
