@@ -342,6 +342,68 @@ def _load(model, artifact, dtype, cache_dir):
     return load_model(model or DEFAULT_MODEL, dtype, cache_dir)
 
 
+@main.command("export")
+@click.argument("source", default=DEFAULT_MODEL)
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Export directory.")
+@click.option("--retain", type=float, default=1.0, show_default=True, help="Fraction of visual tokens kept, in (0, 1].")
+@click.option(
+    "--scorer",
+    type=click.Choice(["qavtp", "qapruner", "semantic"]),
+    default="qavtp",
+    show_default=True,
+    help="In-graph token scorer (ignored at --retain 1); qavtp needs an artifact with fusion weights.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["qdq", "ort"]),
+    default="qdq",
+    show_default=True,
+    help="INT4 weights as standard DequantizeLinear (qdq) or onnxruntime MatMulNBits (ort).",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=0,
+    show_default=True,
+    help="MatMulNBits accuracy level (4: int8 activations inside the kernel, faster, not bit-faithful).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing export directory.")
+@cache_option
+def export_cmd(source, output, retain, scorer, fmt, accuracy_level, overwrite, cache_dir):
+    """Export SOURCE (a calibration artifact, a LLaVA directory or smollava-easyvqa) to ONNX."""
+    from qavtp.export.exporter import export_model
+
+    out = export_model(source, output, retain, scorer, fmt, overwrite, accuracy_level, cache_dir)
+    click.echo(f"wrote {out}")
+
+
+@main.command("run")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--image", type=click.Path(dir_okay=False), required=True)
+@click.option("--question", required=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+def run_cmd(export_dir, image, question, max_new_tokens, threads):
+    """Answer QUESTION about IMAGE with an exported model (onnxruntime only; torch is never imported)."""
+    from qavtp.export.session import ExportedModel, load_image
+
+    if not Path(export_dir).is_dir():
+        raise QavtpError(f"export directory not found: {export_dir}")
+    im = load_image(image)
+    model = ExportedModel(export_dir, threads=threads, profile=True)
+    gen = model.generate(im, question, max_new_tokens)
+    t = gen.timings_ms
+    click.echo(gen.text.strip())
+    click.echo(f"visual tokens kept: {gen.kept}/{gen.n_visual}")
+    rate = t["decode_steps"] / (t["decode_ms"] / 1000) if t["decode_steps"] else float("nan")
+    click.echo(
+        f"time: vision+scoring+prune {t['vision_scoring_prune_ms']:.1f} ms, LLM prefill {t['llm_prefill_ms']:.1f} ms "
+        f"(kernel time; prefill wall {t['prefill_wall_ms']:.1f} ms), decode {t['decode_ms']:.1f} ms "
+        f"for {t['new_tokens']} new tokens ({t['decode_steps']} decode steps, {rate:.1f} tokens/s)"
+    )
+
+
 @main.command("train-reference")
 @click.option(
     "--work-dir",

@@ -1,0 +1,89 @@
+"""onnxruntime CPU latency of the exported reference model: fp32, qdq and ort graphs at several retentions.
+
+    python bench/export_table.py --artifact runs/bench/W4A4_QuaRot___GPTQ [--runs 5] [--threads 2]
+
+Prints a Markdown table: prefill latency (image + prompt -> first-token logits, median of --runs, batch 1,
+one easy-VQA question) per retention ratio, greedy decode tokens/s (16 steps after the prefill) and the
+size on disk of each export. The scorer is qapruner (no fusion weights needed); it costs the same as qavtp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RETAIN = (1.0, 0.5, 0.25, 0.125)
+
+
+def _mib(d: Path) -> float:
+    return sum(f.stat().st_size for f in d.iterdir() if f.suffix in (".onnx", ".bin")) / 2**20
+
+
+def _bench(d: Path, image, question: str, runs: int, threads: int | None, steps: int = 16) -> tuple[float, float]:
+    from qavtp.export.session import ExportedModel
+
+    m = ExportedModel(d, threads=threads)
+    feeds = m.inputs([image], [question])
+    m.run_prefill(feeds)  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = m.run_prefill(feeds)
+        times.append(time.perf_counter() - t0)
+    mask, past = out["attention_mask_out"], out
+    pos = mask.sum(1, keepdims=True)
+    nxt = np.array([[int(out["logits"][0].argmax())]], np.int64)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        past = m.run_decode(nxt, mask, pos, past)
+        pos = pos + 1
+        nxt = np.array([[int(past["logits"][0, -1].argmax())]], np.int64)
+    tok_s = steps / (time.perf_counter() - t0)
+    return statistics.median(times) * 1000, tok_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", required=True, help="W4A4 artifact of the reference model")
+    ap.add_argument("--model", default="smollava-easyvqa", help="fp32 source model")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--retain", type=float, nargs="+", default=list(RETAIN))
+    args = ap.parse_args()
+
+    from qavtp.data.easyvqa import load_easyvqa
+    from qavtp.export.exporter import load_source, write_export
+
+    row = load_easyvqa("test")[0]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qavtp-bench-") as tmp:
+        for label, source, fmt in (
+            ("fp32", args.model, "qdq"),
+            ("qdq", args.artifact, "qdq"),
+            ("ort", args.artifact, "ort"),
+        ):
+            if label != "ort":
+                loaded = load_source(source)
+            cells, sizes, rates = [], [], []
+            for rho in args.retain:
+                d = write_export(loaded, Path(tmp) / f"{label}-{rho:g}", rho, "qapruner", fmt)
+                ms, tok_s = _bench(d, row["image"], row["question"], args.runs, args.threads)
+                cells.append(f"{ms:.0f}")
+                rates.append(tok_s)
+                sizes.append(_mib(d))
+            rows.append((label, cells, statistics.median(rates), max(sizes)))
+    head = " | ".join(f"prefill ms, ρ={r:g}" for r in args.retain)
+    print(f"| graph | {head} | decode tokens/s | size MiB |")
+    print("|---|" + "---:|" * (len(args.retain) + 2))
+    for label, cells, rate, size in rows:
+        print(f"| {label} | {' | '.join(cells)} | {rate:.1f} | {size:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""A tiny ONNX graph builder: named nodes, deduplicated constants and shared weights.
+
+Graphs are written by hand (not traced) so that every quantization op is exactly the one we chose.
+Weights are registered under stable names (the torch parameter path), so two graphs built from the same
+model name the same tensors the same way and :mod:`qavtp.export.weights` can store each of them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+
+_NP_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int8): TensorProto.INT8,
+    np.dtype(np.bool_): TensorProto.BOOL,
+}
+
+
+class Tensor:
+    """An initializer's payload: ONNX element type, dims and the raw little-endian bytes ONNX stores."""
+
+    __slots__ = ("data_type", "dims", "raw")
+
+    def __init__(self, data_type: int, dims: tuple[int, ...], raw: bytes):
+        self.data_type, self.dims, self.raw = data_type, tuple(int(d) for d in dims), raw
+
+    @classmethod
+    def from_numpy(cls, a: np.ndarray) -> Tensor:
+        a = np.asarray(a, order="C")  # (ascontiguousarray would turn a scalar into shape [1])
+        if a.dtype not in _NP_TO_ONNX:
+            raise TypeError(f"no ONNX type for numpy dtype {a.dtype}")
+        return cls(_NP_TO_ONNX[a.dtype], a.shape, a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+class Graph:
+    """Nodes, inputs, outputs and initializers of one ONNX graph under construction."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.tensors: dict[str, Tensor] = {}
+        self._consts: dict[tuple, str] = {}
+        self._count = 0
+        self.uses_ms_domain = False
+        self.scope = "graph"  # node-name prefix: per-stage timings come from onnxruntime's profile
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(
+        self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", **attrs
+    ) -> str | list[str]:
+        """Add a node; returns its output name (or names when ``outputs`` asks for several)."""
+        names = outputs if isinstance(outputs, list) else [self.fresh(op_type) for _ in range(outputs)]
+        if domain == MS_DOMAIN:
+            self.uses_ms_domain = True
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        self.nodes.append(
+            helper.make_node(
+                op_type, list(inputs), names, name=f"{self.scope}/{self.fresh(op_type)}", domain=domain, **attrs
+            )
+        )
+        return names[0] if len(names) == 1 else names
+
+    def const(self, value, dtype=np.float32) -> str:
+        """A constant initializer (deduplicated by value), e.g. a scalar, a shape or a Hadamard matrix."""
+        a = np.asarray(value, dtype=dtype)
+        key = (a.dtype.str, a.shape, a.tobytes())
+        if key not in self._consts:
+            # Named by content: another graph's constant of the same name holds the same bytes, so the two
+            # graphs can share one copy in the external weights file.
+            name = "const_" + hashlib.sha1(repr(key[:2]).encode() + key[2]).hexdigest()[:16]
+            self.tensors[name] = Tensor.from_numpy(a)
+            self._consts[key] = name
+        return self._consts[key]
+
+    def weight(self, name: str, t: Tensor | np.ndarray) -> str:
+        """A named weight; registering the same name twice must give the same bytes."""
+        t = t if isinstance(t, Tensor) else Tensor.from_numpy(t)
+        old = self.tensors.get(name)
+        if old is not None and (old.raw != t.raw or old.dims != t.dims or old.data_type != t.data_type):
+            raise ValueError(f"weight {name} registered twice with different contents")
+        self.tensors[name] = t
+        return name
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
+        """Expose ``value`` as graph output ``name`` (an Identity renames it)."""
+        self.op("Identity", value, outputs=[name])
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def opset_imports(self) -> list[onnx.OperatorSetIdProto]:
+        ops = [helper.make_opsetid("", OPSET)]
+        if self.uses_ms_domain:
+            ops.append(helper.make_opsetid(MS_DOMAIN, 1))
+        return ops

@@ -1,0 +1,236 @@
+"""``qavtp export``: load a model or an artifact, build both graphs, write the export directory atomically.
+
+The directory holds ``prefill.onnx`` and ``decode.onnx`` (sharing ``weights.bin``: every weight stored once),
+the processor/tokenizer files, and ``export.json`` (inputs, outputs, quantization, pruning, prompt format).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import onnx
+
+from qavtp.calibrate.artifact import read_config
+from qavtp.calibrate.fusion import fusion_for
+from qavtp.errors import QavtpError
+from qavtp.export.build import build_decode, build_prefill
+from qavtp.export.builder import Graph
+from qavtp.export.graph import check_supported
+from qavtp.export.int4 import check_format
+from qavtp.export.weights import WeightStore, to_model
+from qavtp.io import atomic_dir
+from qavtp.pruning import check_ratio, keep_count
+from qavtp.scoring import qapruner_params
+
+EXPORT_SCORERS = ("qavtp", "qapruner", "semantic")
+EXPORT_VERSION = 1
+META = "export.json"
+PREFILL, DECODE, WEIGHTS = "prefill.onnx", "decode.onnx", "weights.bin"
+SENTINEL = "\ue000QUESTION\ue000"  # a private-use character pair that no template or tokenizer touches
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "quantized.safetensors").is_file() and (p / "config.json").is_file()
+
+
+def _io(values) -> list[dict]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims})
+    return out
+
+
+def _graph_io(g: Graph) -> dict:
+    return {"inputs": _io(g.inputs), "outputs": _io(g.outputs)}
+
+
+def _n_visual(model) -> int:
+    cfg = model.config
+    vc = cfg.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+
+
+def _prompt_parts(processor) -> tuple[str, str]:
+    """The chat prompt around a question: ``prefix + question + suffix`` is what ``qavtp eval`` feeds the model."""
+    from qavtp.data.prompts import chat_prompt, vqa_text
+
+    text = chat_prompt(processor, vqa_text(SENTINEL), with_image=True)
+    if text.count(SENTINEL) != 1:
+        raise QavtpError("the chat template does not place the question exactly once; cannot record the prompt format")
+    prefix, suffix = text.split(SENTINEL)
+    return prefix, suffix
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids |= set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return sorted(int(i) for i in ids)
+
+
+def _load(source: str, cache_dir):
+    """``(model, processor, adapter, artifact config or None, source record)``."""
+    from qavtp.calibrate.artifact import fingerprint
+
+    if is_artifact(source):
+        from qavtp.calibrate.artifact import load_artifact
+
+        model, processor, adapter, cfg = load_artifact(source)
+        record = {"kind": "artifact", "path": str(Path(source).resolve()), "fingerprint": fingerprint(source)}
+        record["model_fingerprint"] = cfg["source"]["fingerprint"]
+        return model, processor, adapter, cfg, record
+    from qavtp.models.loading import load_model, resolve
+
+    path = resolve(source, cache_dir)
+    model, processor, adapter = load_model(path, "fp32")
+    return model, processor, adapter, None, {"kind": "model", "path": str(path), "fingerprint": fingerprint(path)}
+
+
+def _quantization(cfg: dict | None, fmt: str, accuracy_level: int) -> dict:
+    if cfg is None:
+        return {"weights": None, "activations": None, "method": None, "weight_format": "fp32"}
+    opts = cfg["options"]
+    return {
+        "weight_format": fmt,
+        "accuracy_level": accuracy_level if fmt == "ort" else None,
+        "method": opts["method"],
+        "gptq": opts.get("gptq"),
+        "weights": opts["weights"],
+        "activations": opts["activations"],
+        "rotation": cfg["calibration"]["transforms"].get("rotation"),
+        "smooth": cfg["calibration"]["transforms"].get("smooth"),
+    }
+
+
+@dataclass
+class Loaded:
+    """A model ready to export, with where it came from (``cfg`` is the artifact config, None for a model)."""
+
+    model: object
+    processor: object
+    adapter: object
+    cfg: dict | None
+    source: dict
+
+
+def load_source(source: str, cache_dir: str | os.PathLike | None = None) -> Loaded:
+    """An artifact directory, a LLaVA checkpoint directory or ``smollava-easyvqa``, loaded and checked."""
+    loaded = Loaded(*_load(source, cache_dir))
+    check_supported(loaded.model)
+    return loaded
+
+
+def _check_options(rho: float, scorer: str, fmt: str, accuracy_level: int) -> float:
+    check_format(fmt)
+    rho = check_ratio(rho)
+    if rho < 1 and scorer not in EXPORT_SCORERS:
+        raise QavtpError(f"scorer {scorer!r} cannot be exported; use one of {', '.join(EXPORT_SCORERS)}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QavtpError(f"accuracy level must be 0..4, got {accuracy_level}")
+    return rho
+
+
+def export_model(
+    source: str,
+    out_dir: str | os.PathLike,
+    retain: float = 1.0,
+    scorer: str = "qavtp",
+    fmt: str = "qdq",
+    overwrite: bool = False,
+    accuracy_level: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Export ``source`` (an artifact directory, a LLaVA checkpoint or ``smollava-easyvqa``) to ``out_dir``."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
+    rho = _check_options(retain, scorer, fmt, accuracy_level)
+    if rho < 1 and scorer == "qavtp":
+        if not is_artifact(source):
+            raise QavtpError(
+                "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
+            )
+        fusion_for(read_config(source), rho)  # fail before loading anything
+    return write_export(load_source(source, cache_dir), out, rho, scorer, fmt, accuracy_level)
+
+
+def write_export(loaded: Loaded, out: Path, retain: float, scorer: str, fmt: str, accuracy_level: int = 0) -> Path:
+    """Build both graphs of a loaded model and write the export directory (replacing ``out`` atomically)."""
+    rho = _check_options(retain, scorer, fmt, accuracy_level)
+    model, processor, adapter, cfg = loaded.model, loaded.processor, loaded.adapter, loaded.cfg
+    n = _n_visual(model)
+    k = keep_count(n, rho)
+    params = None
+    if rho < 1 and scorer == "qavtp":
+        if cfg is None:
+            raise QavtpError(
+                "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
+            )
+        params = fusion_for(cfg, rho)
+    elif rho < 1 and scorer == "qapruner":
+        params = qapruner_params(adapter.embed_tokens.weight.shape[1])
+    used_scorer = scorer if rho < 1 else None
+    weight_fmt = fmt if cfg is not None else "fp32"
+
+    prefill = build_prefill(adapter, fmt, n, k, used_scorer, params, accuracy_level)
+    decode = build_decode(adapter, fmt, accuracy_level)
+    prefix, suffix = _prompt_parts(processor)
+    tok = processor.tokenizer
+    text = model.config.get_text_config()
+    dec_layers = adapter.decoder_layers
+    attn = dec_layers[0].self_attn
+    meta = {
+        "format_version": EXPORT_VERSION,
+        "qavtp_version": version("qavtp"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "opset": 21,
+        "source": loaded.source,
+        "files": {"prefill": PREFILL, "decode": DECODE, "weights": WEIGHTS},
+        "graphs": {"prefill": _graph_io(prefill), "decode": _graph_io(decode)},
+        "quantization": _quantization(cfg, weight_fmt, accuracy_level),
+        "pruning": {
+            "retain": rho,
+            "n_visual": n,
+            "k": k,
+            "layer": 0,
+            "scorer": used_scorer,
+            "fusion": params.to_dict() if params is not None else None,
+        },
+        "model": {
+            "image_token": getattr(processor, "image_token", "<image>"),
+            "image_token_id": adapter.image_token_id,
+            "image_size": model.config.vision_config.image_size,
+            "num_layers": len(dec_layers),
+            "num_kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            "head_dim": int(getattr(attn, "head_dim", text.hidden_size // text.num_attention_heads)),
+            "vocab_size": int(adapter.embed_tokens.weight.shape[0]),
+            "max_sequence_length": int(text.max_position_embeddings),
+            "eos_token_ids": _eos_ids(model, tok),
+            "pad_token_id": tok.pad_token_id,
+        },
+        "prompt": {"prefix": prefix, "suffix": suffix, "add_special_tokens": True},
+        # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits with accuracy level 4 (int8 activations)
+        # unless told otherwise; this keeps the qdq graph's float32 numerics.
+        "onnxruntime": {"session_config": {"session.qdq_matmulnbits_accuracy_level": str(accuracy_level)}},
+    }
+    with atomic_dir(out) as tmp:
+        store = WeightStore(tmp / WEIGHTS)
+        try:
+            for g, name in ((prefill, PREFILL), (decode, DECODE)):
+                (tmp / name).write_bytes(to_model(g, store, doc=f"qavtp {name}").SerializeToString())
+        finally:
+            store.close()
+        processor.save_pretrained(tmp)
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out

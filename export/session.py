@@ -1,0 +1,311 @@
+"""Running an exported directory with onnxruntime alone: no torch, no transformers.
+
+Image preprocessing repeats the saved CLIP image processor (PIL backend) step for step, the prompt is the
+recorded chat format with the image placeholder expanded to N image tokens, tokenized by ``tokenizers``
+from ``tokenizer.json``; greedy generation runs the prefill graph once and the decode graph per token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from PIL import Image, UnidentifiedImageError
+
+from qavtp.errors import QavtpError
+
+META = "export.json"
+
+
+# ------------------------------------------------------------------------------------- model files
+
+
+def check_external_data(model_path: str | os.PathLike) -> None:
+    """Refuse a graph whose initializers point outside its directory (absolute paths, ``..``, symlinks out)."""
+    path = Path(model_path)
+    root = path.parent.resolve()
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several types for a damaged file
+        raise QavtpError(f"cannot read ONNX graph {path}: {e}") from None
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), None)
+        if not loc:
+            raise QavtpError(f"{path.name}: initializer {t.name} has external data without a location")
+        p = Path(loc)
+        if p.is_absolute() or loc.startswith(("/", "\\")) or ".." in p.parts or ":" in loc:
+            raise QavtpError(
+                f"{path.name}: initializer {t.name} reads external data outside the model directory ({loc})"
+            )
+        target = (root / p).resolve()
+        if not target.is_relative_to(root):
+            raise QavtpError(
+                f"{path.name}: initializer {t.name} reads external data outside the model directory ({loc})"
+            )
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict:
+    d = Path(model_dir)
+    f = d / META
+    if not f.is_file():
+        raise QavtpError(f"{d} is not a qavtp export (no {META}); create one with qavtp export")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise QavtpError(f"{f} is not valid JSON: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------- image
+
+
+def _image_config(model_dir: Path) -> dict:
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = model_dir / name
+        if f.is_file():
+            cfg = json.loads(f.read_text())
+            cfg = cfg.get("image_processor", cfg)
+            if "image_mean" in cfg or "do_normalize" in cfg:
+                return cfg
+    raise QavtpError(f"{model_dir} has no image processor configuration")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()
+    except FileNotFoundError:
+        raise QavtpError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise QavtpError(f"{path} is not a readable image ({type(e).__name__})") from None
+    return im
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """transformers' ``convert_to_rgb``: transparency is composited onto white."""
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.array(im.convert("RGB"))
+
+
+def _resize_shape(h: int, w: int, size: dict) -> tuple[int, int]:
+    if "shortest_edge" in size:
+        s = int(size["shortest_edge"])
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = s, int(s * long / short)
+        return (new_long, new_short) if w <= h else (new_short, new_long)
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    raise QavtpError(f"unsupported image resize setting {size}")
+
+
+def _center_crop(a: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """``[H, W, C]`` centre crop, zero-padding a too-small image as transformers does."""
+    h, w = a.shape[:2]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0 and top + ch <= h and left + cw <= w:
+        return a[top : top + ch, left : left + cw]
+    nh, nw = max(ch, h), max(cw, w)
+    padded = np.zeros((nh, nw, a.shape[2]), dtype=a.dtype)
+    tp, lp = -(-(nh - h) // 2), -(-(nw - w) // 2)
+    padded[tp : tp + h, lp : lp + w] = a
+    top, left = top + tp, left + lp
+    return padded[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
+
+
+def preprocess_image(im: Image.Image, cfg: dict) -> np.ndarray:
+    """``pixel_values [3, H, W]`` float32, as the saved CLIP image processor (PIL backend) computes them."""
+    a = _to_rgb(im) if cfg.get("do_convert_rgb", True) else np.array(im)
+    if cfg.get("do_resize", True):
+        h, w = _resize_shape(a.shape[0], a.shape[1], cfg["size"])
+        resample = Image.Resampling(cfg.get("resample", Image.Resampling.BICUBIC))
+        a = np.array(Image.fromarray(a).resize((w, h), resample=resample))
+    if cfg.get("do_center_crop", False):
+        crop = cfg["crop_size"]
+        a = _center_crop(a, int(crop["height"]), int(crop["width"]))
+    if cfg.get("do_rescale", True):
+        a = (a.astype(np.float64) * cfg.get("rescale_factor", 1 / 255)).astype(np.float32)
+    else:
+        a = a.astype(np.float32)
+    if cfg.get("do_normalize", True):
+        mean = np.array(cfg["image_mean"], dtype=np.float32)
+        std = np.array(cfg["image_std"], dtype=np.float32)
+        a = (a - mean) / std
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+# ------------------------------------------------------------------------------------------ text
+
+
+class PromptEncoder:
+    """The exported chat prompt, tokenized with the ``tokenizers`` library from ``tokenizer.json``."""
+
+    def __init__(self, model_dir: Path, meta: dict):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.prefix, self.suffix = meta["prompt"]["prefix"], meta["prompt"]["suffix"]
+        self.add_special = bool(meta["prompt"].get("add_special_tokens", True))
+        self.image_token = meta["model"]["image_token"]
+        self.n_visual = int(meta["pruning"]["n_visual"])
+
+    def prompt(self, question: str) -> str:
+        if self.image_token in question:
+            raise QavtpError(f"the question must not contain the image placeholder {self.image_token}")
+        # The processor expands the one image placeholder into N image tokens before tokenizing.
+        text = self.prefix + question + self.suffix
+        return text.replace(self.image_token, self.image_token * self.n_visual)
+
+    def encode(self, question: str) -> list[int]:
+        return self.tok.encode(self.prompt(question), add_special_tokens=self.add_special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------------------- sessions
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    kept: int
+    n_visual: int
+    kept_indices: list[int]
+    timings_ms: dict = field(default_factory=dict)
+
+
+class ExportedModel:
+    """Both graphs of an export directory, with preprocessing, tokenization and greedy generation."""
+
+    def __init__(self, model_dir: str | os.PathLike, threads: int | None = None, profile: bool = False):
+        self.dir = Path(model_dir)
+        self.meta = read_meta(self.dir)
+        files = self.meta["files"]
+        for name in (files["prefill"], files["decode"]):
+            if not (self.dir / name).is_file():
+                raise QavtpError(f"{self.dir} lacks {name}")
+            check_external_data(self.dir / name)
+        self.image_cfg = _image_config(self.dir)
+        self.text = PromptEncoder(self.dir, self.meta)
+        self._profile_dir = tempfile.TemporaryDirectory(prefix="qavtp-profile-") if profile else None
+        self.prefill = self._session(files["prefill"], threads, profile)
+        self.decode = self._session(files["decode"], threads, False)
+        self.n_layers = int(self.meta["model"]["num_layers"])
+
+    def _session(self, name: str, threads: int | None, profile: bool) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        for k, v in self.meta.get("onnxruntime", {}).get("session_config", {}).items():
+            so.add_session_config_entry(k, v)
+        if threads:
+            so.intra_op_num_threads = threads
+        if profile:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(self._profile_dir.name) / "prefill")
+        return ort.InferenceSession(str(self.dir / name), so, providers=["CPUExecutionProvider"])
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def pixel_values(self, images: list[Image.Image]) -> np.ndarray:
+        return np.stack([preprocess_image(im, self.image_cfg) for im in images])
+
+    def inputs(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 0) -> dict:
+        rows = [self.text.encode(q) for q in questions]
+        limit = int(self.meta["model"]["max_sequence_length"])
+        for r in rows:
+            if len(r) + max_new_tokens > limit:
+                raise QavtpError(
+                    f"the prompt is {len(r)} tokens; with {max_new_tokens} new tokens it exceeds the graph's "
+                    f"maximum sequence length {limit}"
+                )
+        pad = self.meta["model"]["pad_token_id"]
+        ids, mask = _left_pad(rows, 0 if pad is None else int(pad))
+        return {"pixel_values": self.pixel_values(images), "input_ids": ids, "attention_mask": mask}
+
+    # -- graphs ---------------------------------------------------------------------------------
+    def run_prefill(self, feeds: dict) -> dict:
+        names = [o.name for o in self.prefill.get_outputs()]
+        return dict(zip(names, self.prefill.run(None, feeds), strict=True))
+
+    def run_decode(self, input_ids, attention_mask, position_ids, past: dict) -> dict:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        for i in range(self.n_layers):
+            feeds[f"past.{i}.key"] = past[f"present.{i}.key"]
+            feeds[f"past.{i}.value"] = past[f"present.{i}.value"]
+        names = [o.name for o in self.decode.get_outputs()]
+        return dict(zip(names, self.decode.run(None, feeds), strict=True))
+
+    def stage_times(self) -> dict:
+        """Kernel time per stage of the profiled prefill run (node names carry their stage)."""
+        if self._profile_dir is None:
+            return {}
+        events = json.loads(Path(self.prefill.end_profiling()).read_text())
+        totals: dict = defaultdict(float)
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                stage = e["name"].split("/", 1)[0]
+                totals[stage] += e.get("dur", 0) / 1000
+        return {
+            "vision_scoring_prune_ms": totals["vision"] + totals["embed"] + totals["prune"],
+            "llm_prefill_ms": totals["llm"],
+        }
+
+    def generate(self, image: Image.Image, question: str, max_new_tokens: int = 16) -> Generation:
+        """Greedy answer for one image and question."""
+        feeds = self.inputs([image], [question], max_new_tokens)
+        t0 = time.perf_counter()
+        out = self.run_prefill(feeds)
+        t1 = time.perf_counter()
+        eos = set(self.meta["model"]["eos_token_ids"])
+        mask = out["attention_mask_out"]
+        pos = mask.sum(1, keepdims=True)  # contiguous positions: the next one is the count of real tokens
+        tokens: list[int] = []
+        nxt = int(out["logits"][0].argmax())
+        past, steps = out, 0
+        while nxt not in eos and len(tokens) < max_new_tokens:
+            tokens.append(nxt)
+            if len(tokens) == max_new_tokens:
+                break
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            past = self.run_decode(np.array([[nxt]], np.int64), mask, pos, past)
+            steps += 1
+            pos = pos + 1
+            nxt = int(past["logits"][0, -1].argmax())
+        t2 = time.perf_counter()
+        timings = {
+            "prefill_wall_ms": (t1 - t0) * 1000,
+            "decode_ms": (t2 - t1) * 1000,
+            "new_tokens": len(tokens),
+            "decode_steps": steps,
+        }
+        timings.update(self.stage_times())
+        kept = out["kept_indices"][0]
+        return Generation(
+            text=self.text.decode(tokens),
+            tokens=tokens,
+            kept=int(kept.shape[0]),
+            n_visual=int(self.meta["pruning"]["n_visual"]),
+            kept_indices=[int(i) for i in kept],
+            timings_ms=timings,
+        )
