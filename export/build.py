@@ -37,7 +37,8 @@ def build_prefill(
     ids = g.input("input_ids", INT64, ["batch", "seq"])
     mask = g.input("attention_mask", INT64, ["batch", "seq"])
 
-    vis = vision_tokens(g, adapter, pixels)  # [B, N, D]
+    use_cls = k < n_visual and params is not None and scorer != "semantic" and params.semantic == "cls"
+    vis, cls = vision_tokens(g, adapter, pixels, -2 if use_cls else None)  # [B, N, D]
     g.scope = "embed"
     is_image = g.op("Equal", ids, g.const(adapter.image_token_id, I64))
     # The placeholder id may lie outside the text vocabulary: embed id 0 there, as Adapter.embed does.
@@ -48,7 +49,7 @@ def build_prefill(
     emb = g.op("Where", g.op("Unsqueeze", is_image, g.const([-1], I64)), gather_rows(g, vis, vidx), text)
 
     if k < n_visual:
-        p = prune(g, dec, emb, mask, is_image, vis, n_visual, k, scorer, params)
+        p = prune(g, dec, emb, mask, is_image, vis, n_visual, k, scorer, params, cls)
         emb, mask_out, positions, kept, scores = p.embeds, p.mask, p.positions, p.kept, p.scores
     else:
         mask_out, positions, scores = mask, left_padded_positions(g, mask), None

@@ -244,8 +244,9 @@ class Decoder:
 # --------------------------------------------------------------------------------------------- vision
 
 
-def vision_tokens(g: Graph, adapter, pixel_values: str) -> str:
-    """CLIP tower -> selected feature layer -> projector: the visual tokens ``[B, N, D]`` (fp32)."""
+def vision_tokens(g: Graph, adapter, pixel_values: str, cls_layer: int | None = None) -> tuple[str, str | None]:
+    """CLIP tower -> selected feature layer -> projector: the visual tokens ``[B, N, D]`` (fp32), and with
+    ``cls_layer`` the [CLS] -> patch attention ``[B, N]`` at that encoder layer (``qavtp.scoring.cls_attention``)."""
     model = adapter.model
     cfg = model.config
     names = {id(m): n for n, m in model.named_modules()}
@@ -279,8 +280,13 @@ def vision_tokens(g: Graph, adapter, pixel_values: str) -> str:
     idx = [w if w >= 0 else n_layers + 1 + w for w in wanted]  # index into hidden_states (0 = embeddings)
     if any(not 0 <= i <= n_layers for i in idx):
         raise QavtpError(f"vision_feature_layer {cfg.vision_feature_layer} is outside the tower's {n_layers} layers")
+    cls_idx = None
+    if cls_layer is not None:
+        cls_idx = cls_layer + n_layers if cls_layer < 0 else cls_layer
+        if not 0 <= cls_idx < n_layers:
+            raise QavtpError(f"[CLS] attention layer {cls_layer} is outside the tower's {n_layers} layers")
     states = [h]
-    for li in range(max(idx)):
+    for li in range(max(idx + ([cls_idx] if cls_idx is not None else []))):
         g.scope = f"vision/layer{li}"
         states.append(_clip_layer(g, states[-1], body.encoder.layers[li], vc, names))
     feats = states[idx[0]] if len(idx) == 1 else g.op("Concat", *[states[i] for i in idx], axis=-1)
@@ -290,7 +296,27 @@ def vision_tokens(g: Graph, adapter, pixel_values: str) -> str:
     proj = model.model.multi_modal_projector
     x = fp_linear(g, feats, proj.linear_1, names[id(proj.linear_1)])
     x = _act(g, x, cfg.projector_hidden_act)
-    return fp_linear(g, x, proj.linear_2, names[id(proj.linear_2)])
+    tokens = fp_linear(g, x, proj.linear_2, names[id(proj.linear_2)])
+    cls = None
+    if cls_idx is not None:
+        g.scope = "prune/score/cls"
+        cls = _cls_attention(g, states[cls_idx], body.encoder.layers[cls_idx], vc, names)
+    return tokens, cls
+
+
+def _cls_attention(g: Graph, h: str, layer: nn.Module, vc, names: dict) -> str:
+    """Attention of the [CLS] query to every patch key at one CLIP layer, averaged over heads: ``[B, N]``."""
+    attn = layer.self_attn
+    heads = vc.num_attention_heads
+    hd = vc.hidden_size // heads
+    x = _layernorm(g, h, layer.layer_norm1, names)
+    first = g.op("Slice", x, g.const([0], I64), g.const([1], I64), g.const([1], I64))
+    q = _heads(g, fp_linear(g, first, attn.q_proj, names[id(attn.q_proj)]), heads, hd)  # [B, H, 1, hd]
+    k = _heads(g, fp_linear(g, x, attn.k_proj, names[id(attn.k_proj)]), heads, hd)
+    logits = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(np.float32(attn.scale)))
+    probs = g.op("ReduceMean", g.op("Softmax", logits, axis=-1), g.const([1], I64), keepdims=0)  # [B, 1, T]
+    probs = g.op("Squeeze", probs, g.const([1], I64))
+    return g.op("Slice", probs, g.const([1], I64), g.const([np.iinfo(I64).max], I64), g.const([1], I64))
 
 
 def _layernorm(g: Graph, x: str, ln: nn.LayerNorm, names: dict) -> str:

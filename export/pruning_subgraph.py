@@ -143,11 +143,18 @@ def prune(
     k: int,
     scorer: str,
     params: FusionParams | None,
+    cls: str | None = None,
 ) -> Pruned:
-    """Score the N visual tokens, keep the top k, and drop the others from the sequence."""
+    """Score the N visual tokens, keep the top k, and drop the others from the sequence.
+
+    ``cls`` is the vision tower's [CLS] attention ``[B, N]``, the relevance term when ``params.semantic`` is cls.
+    """
     g.scope = "prune/score"
     vis_pos = ordered_positions(g, is_image, g.const([n], I64))  # [B, N]
-    sem = text_attention(g, dec, emb, mask, left_padded_positions(g, mask), vis_pos)
+    if cls is not None:
+        sem = cls
+    else:
+        sem = text_attention(g, dec, emb, mask, left_padded_positions(g, mask), vis_pos)
     scores = sem if scorer == "semantic" else fused_scores(g, sem, vis, dec.hidden, params)
     g.scope = "prune/select"
     _, top = g.op("TopK", scores, g.const([k], I64), axis=-1, largest=1, sorted=1, outputs=2)

@@ -39,6 +39,17 @@ from qavtp.scoring import FusionParams, score_tokens
 # further, so the bound leaves room while still catching any real mismatch.
 LOGIT_RTOL = 1e-4
 FUSION = FusionParams(0.7, 0.3, -1, "zscore", "linf", True, {"bits": 4, "symmetric": True, "group_size": 32})
+# The vision tower's [CLS] attention as the relevance term: computed inside the exported vision graph.
+FUSION_CLS = FusionParams(0.6, 0.5, 1, "minmax", "range", False, {"bits": 4, "symmetric": True, "group_size": 0}, "cls")
+
+
+def _with_fusion(artifact, out, params: FusionParams):
+    """A copy of the artifact with fusion weights for retention 0.25 (format of calibrate/fusion.py)."""
+    shutil.copytree(artifact, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["fusion"] = {"layer": 0, "objective": "kl", "n_samples": 8, "ratios": {"0.25": {"params": params.to_dict()}}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +60,12 @@ def artifact(tiny_llava_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fusion_artifact(artifact, tmp_path_factory):
-    """A copy of the artifact with learned fusion weights for retention 0.25 (format of calibrate/fusion.py)."""
-    out = tmp_path_factory.mktemp("artf") / "w4a4f"
-    shutil.copytree(artifact, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["fusion"] = {"layer": 0, "objective": "kl", "n_samples": 8, "ratios": {"0.25": {"params": FUSION.to_dict()}}}
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    return _with_fusion(artifact, tmp_path_factory.mktemp("artf") / "w4a4f", FUSION)
+
+
+@pytest.fixture(scope="module")
+def cls_artifact(artifact, tmp_path_factory):
+    return _with_fusion(artifact, tmp_path_factory.mktemp("artc") / "w4a4c", FUSION_CLS)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +77,11 @@ def rows(easyvqa_test):
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_llava_dir, artifact, fusion_artifact, tmp_path_factory):
+def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     specs = {
         "qdq": (fusion_artifact, 0.25, "qavtp", "qdq"),
+        "cls": (cls_artifact, 0.25, "qavtp", "ort"),
         "ort": (fusion_artifact, 0.25, "qavtp", "ort"),
         "qapruner": (artifact, 0.25, "qapruner", "qdq"),
         "dense": (artifact, 1.0, "qavtp", "qdq"),
@@ -95,10 +106,11 @@ def _rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def _load(which, tiny_llava_dir, artifact, fusion_artifact):
+def _load(which, tiny_llava_dir, artifact, fusion_artifact, cls_artifact=None):
     if which == "fp32":
         return load_model(tiny_llava_dir)
-    model, processor, adapter, _ = load_artifact(artifact if which in ("qapruner", "dense") else fusion_artifact)
+    source = {"qapruner": artifact, "dense": artifact, "cls": cls_artifact}.get(which, fusion_artifact)
+    model, processor, adapter, _ = load_artifact(source)
     return model, processor, adapter
 
 
@@ -165,13 +177,14 @@ def test_graphs_are_valid_onnx_and_share_one_weights_file(exports, tmp_path):
 # ---------------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("which", ["qdq", "ort", "qapruner", "dense", "fp32"])
-def test_prefill_and_decode_match_torch(which, exports, rows, tiny_llava_dir, artifact, fusion_artifact):
-    model, processor, adapter = _load(which, tiny_llava_dir, artifact, fusion_artifact)
+@pytest.mark.parametrize("which", ["qdq", "ort", "cls", "qapruner", "dense", "fp32"])
+def test_prefill_and_decode_match_torch(which, exports, rows, tiny_llava_dir, artifact, fusion_artifact, cls_artifact):
+    model, processor, adapter = _load(which, tiny_llava_dir, artifact, fusion_artifact, cls_artifact)
     meta = read_meta(exports[which])
     rho, scorer = meta["pruning"]["retain"], meta["pruning"]["scorer"]
     enc = encode(processor, *rows)
-    ref, pr, keep, scores = _torch_prefill(model, adapter, enc, scorer, rho, FUSION)
+    fusion = FUSION_CLS if which == "cls" else FUSION
+    ref, pr, keep, scores = _torch_prefill(model, adapter, enc, scorer, rho, fusion)
     got = _run(_session(exports[which] / "prefill.onnx"), _feeds(enc))
 
     assert np.array_equal(got["kept_indices"], keep.numpy())
