@@ -310,6 +310,73 @@ def _label(cfg: dict | None) -> str:
     return f"W{o['weights']['bits']}A{a}"
 
 
+@main.command("eval-onnx")
+@click.argument("export_dir", type=click.Path())
+@click.option("--data", "data_spec", default="easy-vqa", show_default=True, help="A VQA data set (question column).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=int, default=200, show_default=True, help="Seeded random subset (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--compare", is_flag=True, help="Also evaluate the torch model the export came from; report agreement.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Directory for results.json.")
+@cache_option
+def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, output, cache_dir):
+    """Accuracy of an exported model (onnxruntime), optionally next to the torch model it was exported from."""
+    from qavtp.data import load_data
+    from qavtp.export.accuracy import evaluate_export
+    from qavtp.export.session import ExportedModel
+    from qavtp.io import atomic_write_json
+    from qavtp.metrics import markdown_table
+
+    if batch_size < 1:
+        raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
+    em = ExportedModel(export_dir)
+    ds = load_data(data_spec, split, limit or None, seed)
+    if "question" not in ds.column_names:
+        raise QavtpError(f"data set {data_spec!r} has no question column, which the exported prompt format needs")
+    t0 = time.time()
+    res = evaluate_export(em, ds, batch_size)
+    res["seconds"] = round(time.time() - t0, 1)
+    pr = em.meta["pruning"]
+    how = f"retain {pr['retain']:g} by {pr['scorer']}" if pr["scorer"] else "dense"
+    click.echo(markdown_table(res, f"ONNX {export_dir} on {data_spec} ({split}, n={len(ds)}, {how})"))
+    out = {"onnx": res}
+    if compare:
+        out["torch"], out["agreement"] = _torch_like_export(em.meta, ds, batch_size, cache_dir, res)
+        a = out["agreement"]
+        kept = "–" if a["same_kept_tokens"] is None else f"{100 * a['same_kept_tokens']:.1f} %"
+        click.echo(
+            f"torch {100 * a['torch_accuracy']:.2f} % | onnx {100 * a['onnx_accuracy']:.2f} % | "
+            f"same answers {100 * a['same_answers']:.1f} % | same kept tokens {kept} (n={a['n']})"
+        )
+    if output:
+        atomic_write_json(Path(output) / "results.json", out)
+        click.echo(f"wrote {Path(output) / 'results.json'}")
+
+
+def _torch_like_export(meta: dict, ds, batch_size: int, cache_dir, onnx_res: dict) -> tuple[dict, dict]:
+    """The torch (fake-quant) model an export came from, pruned as the export prunes, on the same questions."""
+    from qavtp.evaluate import Pruning, evaluate
+    from qavtp.export.accuracy import compare as agreement
+    from qavtp.scoring import FusionParams
+
+    src = meta["source"]
+    net, processor, adapter = _load(
+        None if src["kind"] == "artifact" else src["path"],
+        src["path"] if src["kind"] == "artifact" else None,
+        "fp32",
+        cache_dir,
+    )
+    pr = meta["pruning"]
+    prune = None
+    if pr["scorer"] and pr["retain"] < 1:
+        fusion = FusionParams.from_dict(pr["fusion"]) if pr["scorer"] == "qavtp" else None
+        prune = Pruning(adapter, pr["scorer"], pr["retain"], fusion=fusion)
+    kept: list = []
+    res = evaluate(net, processor, ds, batch_size=batch_size, prune=prune, desc="torch eval", keep_log=kept)
+    return res, agreement(onnx_res, res, kept)
+
+
 @main.command()
 @click.argument("model", default=None, required=False)
 @click.option("--artifact", type=click.Path(), default=None, help="A calibration artifact to evaluate.")

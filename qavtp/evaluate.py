@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
-import string
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qavtp.data.prompts import chat_prompt
+from qavtp.metrics import markdown_table, normalize_answer, record, summarize, wilson  # noqa: F401  (re-exported)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -230,13 +229,6 @@ def pruned_generate_answers(prune: Pruning, processor, images, texts, max_new_to
     return tok.batch_decode(out, skip_special_tokens=True), keep
 
 
-def normalize_answer(text: str) -> str:
-    text = text.strip().lower()
-    text = text.split("\n")[0]
-    text = text.strip(string.punctuation + " ")
-    return re.sub(r"\s+", " ", text)
-
-
 @torch.no_grad()
 def generate_answers(model, processor, images, texts, max_new_tokens: int = 8) -> list[str]:
     enc = encode(processor, images, texts)
@@ -296,51 +288,8 @@ def evaluate(
             kept = keep.shape[1]
             kept_rows += keep.tolist()
         for p, a, t in zip(preds, batch["answer"], batch["qtype"], strict=True):
-            ok = int(normalize_answer(p) == normalize_answer(a))
-            if t != "all":
-                correct[t].append(ok)
-            correct["all"].append(ok)
-            predictions.append({"index": order[len(predictions)], "prediction": p, "answer": a, "correct": bool(ok)})
+            record(correct, predictions, order[len(predictions)], p, a, t)
     if keep_log is not None and kept_rows:
         keep_log += [k for _, k in sorted(zip(order, kept_rows, strict=True))]
     predictions.sort(key=lambda p: p["index"])
-    by_type = {
-        t: {"accuracy": sum(v) / len(v), "n": len(v), "ci95": wilson(sum(v), len(v))}
-        for t, v in sorted(correct.items())
-    }
-    return {
-        "accuracy": by_type["all"]["accuracy"],
-        "ci95": by_type["all"]["ci95"],
-        "n": n,
-        "visual_tokens_kept": kept,
-        "by_type": by_type,
-        "predictions": predictions,
-    }
-
-
-def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
-    """95 % Wilson score interval of an accuracy: honest error bars for small differences."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = hits / n
-    d = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / d
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
-    return [max(0.0, mid - half), min(1.0, mid + half)]
-
-
-def markdown_table(results: dict, title: str = "") -> str:
-    """Accuracy overall and per question type, as a Markdown table."""
-    lines = [f"### {title}", ""] if title else []
-    lines += ["| question type | n | accuracy | 95 % CI |", "|---|---:|---:|---:|"]
-
-    def ci(v):
-        return f"{100 * v['ci95'][0]:.1f}–{100 * v['ci95'][1]:.1f}"
-
-    for t, v in results["by_type"].items():
-        if t != "all":
-            lines.append(f"| {t} | {v['n']} | {100 * v['accuracy']:.2f} % | {ci(v)} |")
-    lines.append(
-        f"| **all** | {results['n']} | **{100 * results['accuracy']:.2f} %** | {ci(results['by_type']['all'])} |"
-    )
-    return "\n".join(lines) + "\n"
+    return {**summarize(correct, predictions), "visual_tokens_kept": kept}

@@ -404,3 +404,28 @@ def test_reference_artifact_export(name, fmt, tmp_path, easyvqa_test):
     else:
         cos = (got["logits"] * want).sum(-1) / np.linalg.norm(got["logits"], axis=-1) / np.linalg.norm(want, axis=-1)
         assert cos.min() > 0.75  # measured 0.83 and 0.98 (onnxruntime 1.32, 2 cores)
+
+
+def test_onnx_candidate_scores_equal_torch(exports, fusion_artifact, easyvqa_test):
+    """The exported graphs score answers (multi-token ones through the decode graph) as qavtp eval does."""
+    from qavtp.data.easyvqa import COLORS
+    from qavtp.evaluate import Pruning, pruned_choice_logprobs
+    from qavtp.export.accuracy import choice_logprobs
+
+    model, processor, adapter, _ = load_artifact(fusion_artifact)
+    rows = easyvqa_test.select([0, 3, 7])
+    choices = [[*COLORS, "purple triangle"]] * 3
+    prune = Pruning(adapter, "qavtp", 0.25, fusion=FUSION)
+    want, keep = pruned_choice_logprobs(prune, processor, rows["image"], rows["prompt"], choices)
+    got, kept = choice_logprobs(ExportedModel(exports["qdq"]), rows["image"], rows["question"], choices)
+    assert np.array_equal(kept, keep.numpy())
+    assert np.allclose(np.array(got), np.array(want), atol=1e-4)
+
+
+def test_cli_eval_onnx_compares_with_torch(exports, tmp_path):
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["eval-onnx", str(exports["qdq"]), "--limit", "8", "--compare", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    agree = json.loads((out / "results.json").read_text())["agreement"]
+    assert agree["n"] == 8 and agree["same_answers"] == 1.0 and agree["same_kept_tokens"] == 1.0
+    assert "same answers 100.0 %" in r.output

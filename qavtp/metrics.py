@@ -1,0 +1,65 @@
+"""Accuracy bookkeeping shared by the torch and the ONNX evaluators (no torch here)."""
+
+from __future__ import annotations
+
+import re
+import string
+
+
+def normalize_answer(text: str) -> str:
+    text = text.strip().lower()
+    text = text.split("\n")[0]
+    text = text.strip(string.punctuation + " ")
+    return re.sub(r"\s+", " ", text)
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """95 % Wilson score interval of an accuracy: honest error bars for small differences."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = hits / n
+    d = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / d
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return [max(0.0, mid - half), min(1.0, mid + half)]
+
+
+def summarize(correct: dict[str, list[int]], predictions: list[dict]) -> dict:
+    """Accuracy overall and per question type, with Wilson intervals; ``correct`` maps type -> 0/1 list."""
+    by_type = {
+        t: {"accuracy": sum(v) / len(v), "n": len(v), "ci95": wilson(sum(v), len(v))}
+        for t, v in sorted(correct.items())
+    }
+    return {
+        "accuracy": by_type["all"]["accuracy"],
+        "ci95": by_type["all"]["ci95"],
+        "n": len(predictions),
+        "by_type": by_type,
+        "predictions": predictions,
+    }
+
+
+def record(correct: dict[str, list[int]], predictions: list[dict], index: int, pred: str, answer: str, qtype: str):
+    """Score one prediction into ``correct`` and ``predictions``."""
+    ok = int(normalize_answer(pred) == normalize_answer(answer))
+    if qtype != "all":
+        correct.setdefault(qtype, []).append(ok)
+    correct.setdefault("all", []).append(ok)
+    predictions.append({"index": index, "prediction": pred, "answer": answer, "correct": bool(ok)})
+
+
+def markdown_table(results: dict, title: str = "") -> str:
+    """Accuracy overall and per question type, as a Markdown table."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| question type | n | accuracy | 95 % CI |", "|---|---:|---:|---:|"]
+
+    def ci(v):
+        return f"{100 * v['ci95'][0]:.1f}–{100 * v['ci95'][1]:.1f}"
+
+    for t, v in results["by_type"].items():
+        if t != "all":
+            lines.append(f"| {t} | {v['n']} | {100 * v['accuracy']:.2f} % | {ci(v)} |")
+    lines.append(
+        f"| **all** | {results['n']} | **{100 * results['accuracy']:.2f} %** | {ci(results['by_type']['all'])} |"
+    )
+    return "\n".join(lines) + "\n"
