@@ -20,8 +20,8 @@ from qavtp.errors import QavtpError
 from qavtp.evaluate import choice_ids, encode
 from qavtp.pruning import check_ratio, prune_sequence, select_tokens
 from qavtp.scoring import (
-    SEMANTICS,
     FusionParams,
+    available_semantics,
     fused_scores,
     gather_visual,
     model_inputs,
@@ -72,7 +72,9 @@ def parse_ratios(spec: str | float | list | tuple | None) -> list[float]:
     return out
 
 
-def candidate_grid(base: FusionParams, stage: int, best: FusionParams | None = None) -> list[FusionParams]:
+def candidate_grid(
+    base: FusionParams, stage: int, best: FusionParams | None = None, semantics: tuple[str, ...] = ("text", "cls")
+) -> list[FusionParams]:
     """The staged search space.
 
     Stage 1: each relevance term alone and each sensitivity term alone, in both directions.
@@ -84,7 +86,7 @@ def candidate_grid(base: FusionParams, stage: int, best: FusionParams | None = N
         return FusionParams(**{**p.to_dict(), **kw})
 
     if stage == 1:
-        out = [v(base, alpha=1.0, semantic=s) for s in ("text", "cls")]
+        out = [v(base, alpha=1.0, semantic=s) for s in semantics]
         out += [v(base, alpha=0.0, beta=b, direction=d) for b in (0.0, 0.5, 1.0) for d in (1, -1)]
         return out
     assert best is not None
@@ -136,7 +138,7 @@ def _prepare(adapter, processor, dataset, batch_size: int) -> list[_Prepared]:
         enc = encode(processor, rows["image"], rows["prompt"])
         visual = adapter.visual_positions(enc["input_ids"])
         embeds = adapter.embed(enc["input_ids"], enc["pixel_values"])
-        sem = {s: semantic_scores(adapter, enc, embeds, visual, s) for s in SEMANTICS}
+        sem = {s: semantic_scores(adapter, enc, embeds, visual, s) for s in available_semantics(adapter)}
         first = [[choice_ids(tok, c)[0] for c in cands] for cands in rows["choices"]]
         answer = [list(c).index(a) for c, a in zip(rows["choices"], rows["answer"], strict=True)]
         n = len(rows["prompt"])
@@ -272,7 +274,7 @@ def learn_fusion(
             bar.update()
             return FusionParams.from_dict(min(curve, key=rank)["params"])
 
-        best = run(candidate_grid(base, 1), 1)
+        best = run(candidate_grid(base, 1, semantics=available_semantics(adapter)), 1)
         # Stage 2 mixes the better relevance term (by the objective) with the sensitivity terms.
         sem_only = [e for e in curve if e["params"]["alpha"] == 1.0]
         best_sem = min(sem_only, key=rank)

@@ -339,6 +339,17 @@ def fused_scores(sem: Tensor, X: Tensor, p: FusionParams) -> Tensor:
     return fuse(sem, hybrid_sensitivity(eq, o, p.beta, p.norm), p.alpha, p.direction, p.norm)
 
 
+def available_semantics(adapter) -> tuple[str, ...]:
+    """The relevance terms this model offers: [CLS] attention needs a penultimate vision-tower layer."""
+    try:
+        tower = _vision_tower(adapter)
+        body = getattr(tower, "vision_model", tower)
+        n = len(body.encoder.layers)
+    except (QavtpError, AttributeError):
+        n = 0
+    return SEMANTICS if n >= 2 else ("text",)
+
+
 def semantic_scores(adapter, enc, hidden: Tensor, visual_mask: Tensor, kind: str = "text", layer: int = 0) -> Tensor:
     """The relevance term ``[B, N]``: text attention at layer K (``hidden`` enters it) or vision [CLS] attention."""
     if kind == "cls":
