@@ -70,6 +70,12 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("--clip-search", is_flag=True, help="Search a per-group weight clipping ratio (MSE).")
 @click.option("--smooth-alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
 @click.option(
+    "--o-proj-hadamard",
+    "online_o_proj",
+    is_flag=True,
+    help="quarot: also an online Hadamard before o_proj (mixes the heads).",
+)
+@click.option(
     "--retain",
     default="0.5,0.25,0.125",
     show_default=True,

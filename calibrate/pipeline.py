@@ -50,6 +50,7 @@ def calibrate_model(
     smooth_alpha: float = 0.5,
     seed: int = 0,
     progress: bool = True,
+    online_o_proj: bool = False,
 ) -> dict:
     """Transform the LLM (``method``), then quantize every decoder linear in place.
 
@@ -68,7 +69,7 @@ def calibrate_model(
         scales = smooth_model(adapter, absmax, smooth_alpha)
         record["transforms"]["smooth"] = {"alpha": smooth_alpha, "layers": sorted(scales)}
     elif method == "quarot":
-        record["transforms"]["rotation"] = rotate_model(adapter, seed)
+        record["transforms"]["rotation"] = rotate_model(adapter, seed, online_o_proj)
     inputs = capture_layer_inputs(adapter, batches)
     stats_out: dict[str, dict] = {}
     quantized: list[str] = []

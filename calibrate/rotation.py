@@ -8,7 +8,10 @@ Offline (folded into weights, no runtime cost):
   * a per-head Hadamard on the value path: ``v_proj`` rotates each head's values, ``o_proj``
     rotates them back (attention mixes tokens, not channels, so the fold is exact).
 Online (one matmul at runtime): a Hadamard of the intermediate size before ``down_proj``, whose
-inverse is folded into ``down_proj``'s weight. It is an :class:`OnlineHadamardLinear` module, so
+inverse is folded into ``down_proj``'s weight; optionally (``online_o_proj``) one of the attention
+width before ``o_proj``, which mixes the heads as QuaRot's cross-head Hadamard does (its head count,
+9 on SmolLM2, has no Hadamard matrix of its own, the full width 576 = 12 * 12 * 4 has). Each is an
+:class:`OnlineHadamardLinear` module, so
 the torch forward and an ONNX trace both carry it.
 
 All folds run in float64 and are cast back to the weights' dtype.
@@ -175,7 +178,7 @@ def _per_head(h: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rotate_model(adapter: Adapter, seed: int = 0) -> dict:
+def rotate_model(adapter: Adapter, seed: int = 0, online_o_proj: bool = False) -> dict:
     """Apply the QuaRot rotations in place (norms are fused first); returns a JSON-able description.
 
     The description is what an artifact stores: the seed and sizes rebuild every matrix, and
@@ -194,6 +197,8 @@ def rotate_model(adapter: Adapter, seed: int = 0) -> dict:
     q = random_hadamard(hidden, seed).to(dev)
     h_int = hadamard_matrix(intermediate).to(dev)
     h_head = hadamard_matrix(head_dim).to(dev)
+    width = layers[0].self_attn.o_proj.in_features
+    h_attn = hadamard_matrix(width).to(dev) if online_o_proj else None
 
     _rotate_input(emb, q)
     _rotate_output(_projector_output(adapter, hidden), q)
@@ -210,6 +215,11 @@ def rotate_model(adapter: Adapter, seed: int = 0) -> dict:
         _rotate_output(attn.v_proj, _per_head(hv, kv_heads))
         _rotate_input(attn.o_proj, _per_head(hv, heads))
         _rotate_output(attn.o_proj, q.to(attn.o_proj.weight.device))
+        if h_attn is not None:
+            ha = h_attn.to(attn.o_proj.weight.device)
+            _rotate_input(attn.o_proj, ha)
+            attn.o_proj = OnlineHadamardLinear(ha, attn.o_proj)
+            online.append({"module": f"layers.{i}.self_attn.o_proj", "transform": "hadamard", "size": width})
         down = mlp.down_proj
         hi = h_int.to(down.weight.device)
         _rotate_input(down, hi)  # W H: the online x -> x H at the input cancels it

@@ -65,6 +65,7 @@ def run_calibration(
     gptq: bool = False,
     clip_search: bool = False,
     smooth_alpha: float = 0.5,
+    online_o_proj: bool = False,
     seed: int = 0,
     retain: str | list[float] | None = None,
     fusion_samples: int = 64,
@@ -120,6 +121,7 @@ def run_calibration(
         smooth_alpha=smooth_alpha,
         seed=seed,
         progress=progress,
+        online_o_proj=online_o_proj,
     )
     seconds = round(time.time() - t0, 1)
     fusion = None
@@ -138,6 +140,7 @@ def run_calibration(
             "gptq": gptq,
             "clip_search": clip_search,
             "smooth_alpha": smooth_alpha if method == "smoothquant" else None,
+            "online_o_proj": online_o_proj if method == "quarot" else None,
             "seed": seed,
         },
         # ru_maxrss is the process's peak resident memory (KiB on Linux): model + one layer's activations.

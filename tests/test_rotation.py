@@ -91,6 +91,15 @@ def test_fuse_layer_norms_preserves_logits_and_unties(tiny_llava_dir, enc):
     assert _rel(_logits(model, enc).logits, ref) < 1e-3
 
 
+def test_online_o_proj_hadamard_preserves_logits(tiny_llava_dir, enc):
+    model, _, adapter = _model(tiny_llava_dir)
+    ref = _logits(model, enc).logits
+    desc = rotate_model(adapter, seed=3, online_o_proj=True)
+    assert _rel(_logits(model, enc).logits, ref) < 1e-3
+    assert all(isinstance(layer.self_attn.o_proj, OnlineHadamardLinear) for layer in adapter.decoder_layers)
+    assert {o["module"] for o in desc["online"]} >= {f"layers.{i}.self_attn.o_proj" for i in range(2)}
+
+
 def test_rotate_model_preserves_logits(tiny_llava_dir, enc):
     model, _, adapter = _model(tiny_llava_dir)
     ref = _logits(model, enc).logits
