@@ -159,6 +159,45 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.from_numpy(h).to(torch.float64).div_(n**0.5).to(dtype)
 
 
+@cache
+def hadamard_factors(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 ``(A, B)`` with ``kron(A, B) == hadamard_matrix(n)``: the Paley blocks in A, the power of two in B
+    (a pure power of two is split in two halves, as Sylvester matrices are Kronecker powers).
+
+    ``x @ H`` then costs ``n (a + b)`` instead of ``n^2`` multiply-adds (:func:`apply_hadamard_factored`): for
+    LLaMA-7B's down_proj input (11008 = 344 x 32) 2.6M instead of 121M per token.
+    """
+    hadamard_matrix(n)  # validates n
+    plan = list(_plan(n) or ())
+    mats = [_sylvester(b) if _is_power_of_two(b) else _paley(b) for b in plan]
+    if len(mats) == 1 and _is_power_of_two(n):
+        k = n.bit_length() - 1
+        mats = [_sylvester(2 ** (k // 2)), _sylvester(2 ** (k - k // 2))]
+    if not mats:
+        mats = [np.ones((1, 1), dtype=np.int64)]
+    a = np.ones((1, 1), dtype=np.int64)
+    for m in mats[:-1]:
+        a = np.kron(a, m)
+    b = mats[-1]
+    return a / np.sqrt(a.shape[0]), b / np.sqrt(b.shape[0])
+
+
+def apply_hadamard_factored(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x @ hadamard_matrix(n)`` on the last dimension through its two Kronecker factors.
+
+    The order of operations is the ONNX export's: ``X = x`` as ``[..., a, b]``, ``((X B)^T A)^T``.
+    """
+    if x.shape[-1] != n:
+        raise QavtpError(f"Hadamard of order {n} cannot act on a last dimension of {x.shape[-1]}")
+    a_np, b_np = hadamard_factors(n)
+    dt = torch.promote_types(x.dtype, torch.float32)
+    A = torch.from_numpy(a_np).to(device=x.device, dtype=dt)
+    B = torch.from_numpy(b_np).to(device=x.device, dtype=dt)
+    X = x.to(dt).reshape(*x.shape[:-1], A.shape[0], B.shape[0])
+    Y = ((X @ B).transpose(-1, -2) @ A).transpose(-1, -2)
+    return Y.reshape(x.shape).to(x.dtype)
+
+
 def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """QuaRot's randomized Hadamard ``H @ diag(s)`` with random signs ``s``, the same for the same seed."""
     gen = torch.Generator().manual_seed(int(seed))

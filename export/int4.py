@@ -16,6 +16,7 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from qavtp.calibrate.hadamard import hadamard_factors
 from qavtp.calibrate.quantizers import QuantLinear, check_group_size, pack_int4
 from qavtp.calibrate.rotation import OnlineHadamardLinear
 from qavtp.errors import QavtpError
@@ -108,12 +109,23 @@ def fp_linear(g: Graph, x: str, m: nn.Linear, name: str) -> str:
     return _bias(g, g.op("MatMul", x, w), m.bias, name)
 
 
+def hadamard(g: Graph, x: str, n: int) -> str:
+    """``x @ H_n`` for ``x [B, T, n]`` as ``qavtp.calibrate.hadamard.apply_hadamard_factored`` computes it:
+    ``[B, T, a, b]``, ``MatMul B``, swap the last two axes, ``MatMul A``, swap back. The factors are stored once
+    per order and shared by every layer."""
+    a_np, b_np = hadamard_factors(n)
+    A = g.weight(f"hadamard.{n}.A", np.asarray(a_np, dtype=np.float32))
+    B = g.weight(f"hadamard.{n}.B", np.asarray(b_np, dtype=np.float32))
+    X = g.op("Reshape", x, g.const([0, 0, a_np.shape[0], b_np.shape[0]], np.int64))
+    Y = g.op("MatMul", g.op("Transpose", g.op("MatMul", X, B), perm=[0, 1, 3, 2]), A)
+    return g.op("Reshape", g.op("Transpose", Y, perm=[0, 1, 3, 2]), g.const([0, 0, n], np.int64))
+
+
 def linear(g: Graph, x: str, m: nn.Module, name: str, fmt: str, accuracy_level: int = 0) -> str:
     """Any linear the decoder holds: plain, quantized, or with an online Hadamard on its input."""
     if isinstance(m, OnlineHadamardLinear):
         # The torch module computes linear(x @ H): the rotation comes before the activation quantizer.
-        h = g.weight(f"{name}.hadamard", np32(m.hadamard))
-        return linear(g, g.op("MatMul", x, h), m.linear, f"{name}.linear", fmt, accuracy_level)
+        return linear(g, hadamard(g, x, m.in_features), m.linear, f"{name}.linear", fmt, accuracy_level)
     if isinstance(m, QuantLinear):
         return quant_linear(g, x, m, name, fmt, accuracy_level)
     if isinstance(m, nn.Linear):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,3 +194,15 @@ def test_smooth_after_rotation_preserves_logits(tiny_llava_dir, enc):
     assert "layers.0.mlp.down_proj.linear" in stats and "layers.0.mlp.down_proj" not in stats
     smooth_model(adapter, stats, alpha=0.6)
     assert _rel(_logits(model, enc).logits, ref) < 1e-3
+
+
+@pytest.mark.parametrize("n", [4, 64, 576, 1536, 2048])
+def test_factored_hadamard_equals_the_matrix(n):
+    from qavtp.calibrate.hadamard import apply_hadamard_factored, hadamard_factors
+
+    a, b = hadamard_factors(n)
+    assert a.shape[0] * b.shape[0] == n and max(a.shape[0], b.shape[0]) < n
+    np.testing.assert_allclose(np.kron(a, b), hadamard_matrix(n).numpy(), atol=1e-12)
+    x = torch.randn(2, 3, n)
+    want = x @ hadamard_matrix(n, torch.float32)
+    torch.testing.assert_close(apply_hadamard_factored(x, n), want, atol=1e-5, rtol=1e-5)
