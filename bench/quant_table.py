@@ -33,6 +33,7 @@ INVESTIGATE = {
     "W4A4 QuaRot + GPTQ, asym acts": ["--method", "quarot", "--gptq", "--aasym"],
     "W4A4 QuaRot + GPTQ, clip search": ["--method", "quarot", "--gptq", "--clip-search"],
     "W4A4 QuaRot + GPTQ, w g32": ["--method", "quarot", "--gptq", "--wgroup", "32"],
+    "W4A4 QuaRot + GPTQ, o_proj Hadamard": ["--method", "quarot", "--gptq", "--o-proj-hadamard"],
 }
 
 
