@@ -69,11 +69,8 @@ def cls_artifact(artifact, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rows(easyvqa_test):
-    r = easyvqa_test[:3]
-    # Different prompt lengths, so the batch is left-padded.
-    texts = [r["prompt"][0], r["prompt"][1] + " Look at the whole picture carefully.", r["prompt"][2]]
-    return r["image"], texts
+def rows(padded_rows):
+    return padded_rows
 
 
 @pytest.fixture(scope="module")

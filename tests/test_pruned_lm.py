@@ -6,25 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qavtp.evaluate import encode
-from qavtp.models.loading import load_model
 from qavtp.pruned_lm import extend, pruned_generate, pruned_prefill
 from qavtp.pruning import pruned_forward
 
 KEEP = torch.tensor([[0, 1, 2, 3, 4], [3, 5, 8, 13, 15], [1, 4, 9, 10, 12]])
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llava_dir):
-    return load_model(tiny_llava_dir)
-
-
-@pytest.fixture(scope="module")
-def enc(tiny, easyvqa_test):
-    _, processor, _ = tiny
-    rows = easyvqa_test[:3]
-    texts = [rows["prompt"][0], rows["prompt"][1] + " Look at the whole picture carefully.", rows["prompt"][2]]
-    return encode(processor, rows["image"], texts)
 
 
 def _append(enc, suffix: torch.Tensor) -> dict:

@@ -9,7 +9,6 @@ from transformers import LlavaForConditionalGeneration
 
 from qavtp.calibrate.quantizers import QuantSpec
 from qavtp.errors import QavtpError
-from qavtp.evaluate import encode
 from qavtp.models.loading import load_model
 from qavtp.pruning import (
     PruneState,
@@ -37,21 +36,6 @@ from qavtp.scoring import (
     text_attention,
     variance,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llava_dir):
-    model, processor, adapter = load_model(tiny_llava_dir)
-    return model, processor, adapter
-
-
-@pytest.fixture(scope="module")
-def enc(tiny, easyvqa_test):
-    _, processor, _ = tiny
-    rows = easyvqa_test[:3]
-    # Different prompt lengths, so the batch is left-padded.
-    texts = [rows["prompt"][0], rows["prompt"][1] + " Look at the whole picture carefully.", rows["prompt"][2]]
-    return encode(processor, rows["image"], texts)
 
 
 def _sample(enc, i: int) -> dict:
