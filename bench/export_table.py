@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--retain", type=float, nargs="+", default=list(RETAIN))
+    ap.add_argument("--out", default="bench/results/export_table.md", help="also write the table here")
     args = ap.parse_args()
 
     from qavtp.data.easyvqa import load_easyvqa
@@ -63,26 +64,31 @@ def main() -> None:
     row = load_easyvqa("test")[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="qavtp-bench-") as tmp:
-        for label, source, fmt in (
-            ("fp32", args.model, "qdq"),
-            ("qdq", args.artifact, "qdq"),
-            ("ort", args.artifact, "ort"),
+        loaded = {}
+        for label, source, fmt, level in (
+            ("fp32", args.model, "qdq", 0),
+            ("W4A4 qdq (DequantizeLinear int4)", args.artifact, "qdq", 0),
+            ("W4A4 ort (MatMulNBits, accuracy level 0)", args.artifact, "ort", 0),
+            ("W4A4 ort (MatMulNBits, accuracy level 4: int8 GEMM)", args.artifact, "ort", 4),
         ):
-            if label != "ort":
-                loaded = load_source(source)
+            if source not in loaded:
+                loaded[source] = load_source(source)
             cells, sizes, rates = [], [], []
             for rho in args.retain:
-                d = write_export(loaded, Path(tmp) / f"{label}-{rho:g}", rho, "qapruner", fmt)
+                d = write_export(loaded[source], Path(tmp) / f"{fmt}{level}-{rho:g}", rho, "qapruner", fmt, level)
                 ms, tok_s = _bench(d, row["image"], row["question"], args.runs, args.threads)
                 cells.append(f"{ms:.0f}")
                 rates.append(tok_s)
                 sizes.append(_mib(d))
             rows.append((label, cells, statistics.median(rates), max(sizes)))
     head = " | ".join(f"prefill ms, ρ={r:g}" for r in args.retain)
-    print(f"| graph | {head} | decode tokens/s | size MiB |")
-    print("|---|" + "---:|" * (len(args.retain) + 2))
+    lines = [f"| graph | {head} | decode tokens/s | size MiB |", "|---|" + "---:|" * (len(args.retain) + 2)]
     for label, cells, rate, size in rows:
-        print(f"| {label} | {' | '.join(cells)} | {rate:.1f} | {size:.0f} |")
+        lines.append(f"| {label} | {' | '.join(cells)} | {rate:.1f} | {size:.0f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table)
 
 
 if __name__ == "__main__":
