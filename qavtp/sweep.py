@@ -178,6 +178,7 @@ def plot_accuracy(runs: list[dict], path) -> None:
         if r["retain"] == 1:
             ax.axhline(100 * r["accuracy"], ls="--", lw=1, color="gray")
             ax.text(ratios[0], 100 * r["accuracy"] + 0.4, f"{r['model']} dense", fontsize=7, color="gray")
+    colours = iter(plt.cm.tab20.colors * 4)  # more lines than the default cycle's 10 colours
     for m in dict.fromkeys(r["model"] for r in runs):
         for s in dict.fromkeys(r["scorer"] for r in runs if r["model"] == m and r["retain"] < 1):
             pts = sorted((r["retain"], r) for r in runs if r["model"] == m and r["scorer"] == s and r["retain"] < 1)
@@ -187,7 +188,10 @@ def plot_accuracy(runs: list[dict], path) -> None:
                 [100 * (r["accuracy"] - r["ci95"][0]) for _, r in pts],
                 [100 * (r["ci95"][1] - r["accuracy"]) for _, r in pts],
             ]
-            ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, lw=1.2, label=f"{m} + {s}")
+            ls = "--" if m == "FP" else "-"
+            ax.errorbar(
+                xs, ys, yerr=err, marker="o", ms=3, capsize=2, lw=1.2, ls=ls, color=next(colours), label=f"{m} + {s}"
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(ratios, [f"{100 * r:g} %" for r in ratios])
     ax.set_xlabel("visual tokens kept")
