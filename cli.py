@@ -84,10 +84,11 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("--fusion-samples", type=int, default=64, show_default=True, help="Calibration questions for fusion.")
 @click.option(
     "--fusion-objective",
-    type=click.Choice(["kl", "accuracy"]),
+    type=click.Choice(["kl", "choice-kl", "accuracy"]),
     default="kl",
     show_default=True,
-    help="kl: match the FP dense model's answer distribution; accuracy: calibration accuracy.",
+    help="kl: match the FP dense model's next-token distribution; choice-kl: over the candidate answers only; "
+    "accuracy: calibration accuracy.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
@@ -99,6 +100,22 @@ def calibrate(model, output, wasym, aasym, data_spec, **options):
 
     out = run_calibration(model, output, data_spec=data_spec, wsym=not wasym, asym=not aasym, **options)
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--retain", default="0.5,0.25,0.125", show_default=True, help="Retention ratios to learn weights for.")
+@click.option("--fusion-samples", type=int, default=64, show_default=True, help="Calibration questions for fusion.")
+@click.option("--fusion-objective", type=click.Choice(["kl", "choice-kl", "accuracy"]), default="kl", show_default=True)
+@cache_option
+def fuse(artifact, retain, fusion_samples, fusion_objective, cache_dir):
+    """Learn the pruning fusion weights of an existing ARTIFACT again (its weights stay as they are)."""
+    from qavtp.calibrate.fusion import refit_fusion
+
+    fus = refit_fusion(artifact, retain, fusion_samples, fusion_objective, cache_dir)
+    for key, e in fus["ratios"].items():
+        click.echo(f"retain {key}: {e['params']}")
+    click.echo(f"wrote {Path(artifact) / 'config.json'}")
 
 
 @main.command("eval")

@@ -50,7 +50,10 @@ def fusion_for(cfg: dict, rho: float) -> FusionParams:
 
 # ------------------------------------------------------------------------------------------ learning
 
-OBJECTIVES = ("kl", "accuracy")
+# kl: the full next-token distribution; choice-kl: the distribution over the question's candidate answers
+# (first tokens, renormalised), which is what the answer is read from; accuracy: calibration accuracy.
+OBJECTIVES = ("kl", "choice-kl", "accuracy")
+METRICS = ("kl", "accuracy", "choice_kl")
 
 
 def parse_ratios(spec: str | float | list | tuple | None) -> list[float]:
@@ -181,11 +184,13 @@ class _Judge:
             logp = self.target[b.rows[r]]
             kl = float((logp.exp() * (logp - logq[j])).sum())
             cand = logq[j, b.first_ids[r]]
-            out.append((kl, int(int(cand.argmax()) == b.answer[r])))
+            cp = logp[b.first_ids[r]].log_softmax(-1)
+            ckl = float((cp.exp() * (cp - cand.log_softmax(-1))).sum())
+            out.append((kl, int(int(cand.argmax()) == b.answer[r]), ckl))
         return out
 
-    def judge(self, configs: list[FusionParams], rho: float) -> list[tuple[float, float]]:
-        """Mean KL and first-token accuracy of each candidate at retention ``rho``."""
+    def judge(self, configs: list[FusionParams], rho: float) -> list[tuple[float, ...]]:
+        """Mean KL, first-token accuracy and candidate KL of each candidate at retention ``rho``."""
         keys_per_cfg: list[list[tuple]] = [[] for _ in configs]
         for b in self.prepared:
             todo: dict[tuple, tuple[int, Tensor]] = {}
@@ -206,22 +211,24 @@ class _Judge:
         res = []
         for keys in keys_per_cfg:
             ms = [self.memo[k] for k in keys]
-            res.append((sum(m[0] for m in ms) / len(ms), sum(m[1] for m in ms) / len(ms)))
+            res.append(tuple(sum(m[i] for m in ms) / len(ms) for i in range(len(METRICS))))
         return res
 
-    def dense(self) -> tuple[float, float]:
+    def dense(self) -> tuple[float, ...]:
         ms = []
         for b in self.prepared:
             n = b.visual.sum(1)[0]
             keep = torch.arange(int(n)).expand(len(b.rows), -1)
             ms += self._metrics(b, list(range(len(b.rows))), keep)
-        return sum(m[0] for m in ms) / len(ms), sum(m[1] for m in ms) / len(ms)
+        return tuple(sum(m[i] for m in ms) / len(ms) for i in range(len(METRICS)))
 
 
 def _rank(objective: str):
     """Sort key of a curve entry: lower is better; the other metric breaks ties."""
     if objective == "kl":
         return lambda e: (e["kl"], -e["accuracy"])
+    if objective == "choice-kl":
+        return lambda e: (e["choice_kl"], -e["accuracy"])
     return lambda e: (-e["accuracy"], e["kl"])
 
 
@@ -258,7 +265,7 @@ def learn_fusion(
         "layer": 0,
         "objective": objective,
         "n_samples": len(dataset),
-        "dense": {"kl": dense[0], "accuracy": dense[1]},
+        "dense": dict(zip(METRICS, dense, strict=True)),
         "ratios": {},
     }
     rank = _rank(objective)
@@ -270,7 +277,7 @@ def learn_fusion(
         def run(configs: list[FusionParams], stage: int, rho=rho, curve=curve, rank=rank) -> FusionParams:
             bar.set_postfix(retain=rho, stage=stage, forwards=judge.forwards)
             for p, m in zip(configs, judge.judge(configs, rho), strict=True):
-                curve.append({"stage": stage, "params": p.to_dict(), "kl": m[0], "accuracy": m[1]})
+                curve.append({"stage": stage, "params": p.to_dict(), **dict(zip(METRICS, m, strict=True))})
             bar.update()
             return FusionParams.from_dict(min(curve, key=rank)["params"])
 
@@ -285,13 +292,56 @@ def learn_fusion(
         preset_entry = next(e for e in curve if e["params"] == preset.to_dict())
         result["ratios"][ratio_key(rho)] = {
             "params": best.to_dict(),
-            "kl": chosen["kl"],
-            "accuracy": chosen["accuracy"],
-            "qapruner": {"kl": preset_entry["kl"], "accuracy": preset_entry["accuracy"]},
+            **{k: chosen[k] for k in METRICS},
+            "qapruner": {k: preset_entry[k] for k in METRICS},
             "curve": curve,
         }
-        bar.write(f"retain {rho:g}: {best.to_dict()} KL {chosen['kl']:.4f} (paper preset {preset_entry['kl']:.4f})")
+        key = "choice_kl" if objective == "choice-kl" else "kl"
+        bar.write(f"retain {rho:g}: {best.to_dict()} {key} {chosen[key]:.4f} (paper preset {preset_entry[key]:.4f})")
     bar.close()
     result["forwards"] = judge.forwards
     result["seconds"] = round(time.time() - t0, 1)
     return result
+
+
+def refit_fusion(
+    artifact_dir,
+    retain: str | list[float] = "0.5,0.25,0.125",
+    fusion_samples: int = 64,
+    objective: str = "kl",
+    cache_dir=None,
+    progress: bool = True,
+) -> dict:
+    """Learn the fusion weights of an existing artifact again (other ratios, objective or sample count).
+
+    The calibration questions are the artifact's own; only ``config.json`` is rewritten (atomically).
+    """
+    import gc
+    from pathlib import Path
+
+    from qavtp.calibrate.artifact import CONFIG, load_artifact, read_config
+    from qavtp.data import load_data
+    from qavtp.io import atomic_write_json
+    from qavtp.models.loading import load_model, resolve
+
+    cfg = read_config(artifact_dir)
+    ratios = [r for r in parse_ratios(retain) if r < 1.0]
+    if not ratios:
+        raise QavtpError("name at least one retention ratio below 1 to learn fusion weights for")
+    if objective not in OBJECTIVES:
+        raise QavtpError(f"unknown fusion objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    if fusion_samples < 1:
+        raise QavtpError(f"--fusion-samples must be at least 1, got {fusion_samples}")
+    data = cfg["data"]
+    ds = load_data(data["spec"], "train", limit=data["n_samples"], seed=data["seed"])
+    fds = ds.select(range(min(fusion_samples, len(ds))))
+    fp, processor, _ = load_model(resolve(cfg["source"]["model"], cache_dir))
+    target = dense_logprobs(fp, processor, fds)
+    del fp
+    gc.collect()
+    _, processor, adapter, cfg = load_artifact(artifact_dir)
+    acts = cfg["options"].get("activations")
+    qspec = QuantSpec.from_dict(acts) if acts else QuantSpec(4, True, 0)
+    cfg["fusion"] = learn_fusion(adapter, processor, fds, ratios, target, qspec, objective, progress=progress)
+    atomic_write_json(Path(artifact_dir) / CONFIG, cfg)
+    return cfg["fusion"]

@@ -159,3 +159,25 @@ def test_cli_pruning_bad_input(artifact, tiny_llava_dir, tmp_path):
     for args, needle in cases:
         r = run(main, ["eval", *args, "--limit", "2"])
         assert r.exit_code == 2 and needle in r.output, (args, r.output)
+
+
+def test_refit_with_the_candidate_objective(artifact, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from qavtp.cli import main
+
+    copy = tmp_path / "art"
+    shutil.copytree(artifact, copy)
+    r = CliRunner().invoke(
+        main, ["fuse", str(copy), "--retain", "0.25", "--fusion-samples", "4", "--fusion-objective", "choice-kl"]
+    )
+    assert r.exit_code == 0, r.output
+    fus = read_config(copy)["fusion"]
+    assert fus["objective"] == "choice-kl" and set(fus["ratios"]) == {"0.25"} and fus["n_samples"] == 4
+    entry = fus["ratios"]["0.25"]
+    assert entry["choice_kl"] == pytest.approx(min(e["choice_kl"] for e in entry["curve"]))
+    assert all(e["choice_kl"] >= -1e-6 for e in entry["curve"])
+    r = CliRunner().invoke(main, ["fuse", str(copy), "--retain", "1"])
+    assert r.exit_code == 2 and "at least one retention ratio below 1" in r.output
