@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qavtp.export.session import ExportedModel
-from qavtp.metrics import record, summarize
+from qavtp.metrics import record, score_candidates, summarize
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -22,35 +22,25 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def choice_logprobs(em: ExportedModel, images, questions, choices) -> tuple[list[list[float]], np.ndarray]:
     """Summed log-probability of every candidate answer, and the kept visual-token indices ``[B, k]``."""
     out = em.run_prefill(em.inputs(list(images), list(questions)))
-    first = _log_softmax(out["logits"])
-    tok = em.text.tok
-    scores: list[list[float]] = []
-    long_pairs: list[tuple[int, int, list[int]]] = []
-    for i, cands in enumerate(choices):
-        row = []
-        for j, c in enumerate(cands):
-            ids = tok.encode(c, add_special_tokens=False).ids
-            row.append(float(first[i, ids[0]]))
-            if len(ids) > 1:
-                long_pairs.append((i, j, ids))
-        scores.append(row)
-    if long_pairs:
-        rows = np.array([i for i, _, _ in long_pairs])
-        width = max(len(ids) - 1 for _, _, ids in long_pairs)
-        pad = int(em.meta["model"]["pad_token_id"] or 0)
+    pad = int(em.meta["model"]["pad_token_id"] or 0)
+
+    def cont(rows: list[int], seqs: list[list[int]]) -> np.ndarray:
+        width = max(len(q) for q in seqs)
         c_ids = np.full((len(rows), width), pad, np.int64)
         c_mask = np.zeros((len(rows), width), np.int64)
-        for r, (_, _, ids) in enumerate(long_pairs):
-            c_ids[r, : len(ids) - 1] = ids[:-1]
-            c_mask[r, : len(ids) - 1] = 1
+        for r, q in enumerate(seqs):
+            c_ids[r, : len(q)] = q
+            c_mask[r, : len(q)] = 1
         mask = out["attention_mask_out"][rows]
         # Contiguous positions over real tokens: the next one is the count of real prompt tokens.
         pos = mask.sum(1, keepdims=True) + np.arange(width)
         past = {k: v[rows] for k, v in out.items() if k.startswith("present.")}
-        logp = _log_softmax(em.run_decode(c_ids, np.concatenate([mask, c_mask], 1), pos, past)["logits"])
-        for r, (i, j, ids) in enumerate(long_pairs):
-            scores[i][j] += float(sum(logp[r, t, ids[t + 1]] for t in range(len(ids) - 1)))
-    return scores, out["kept_indices"]
+        return _log_softmax(em.run_decode(c_ids, np.concatenate([mask, c_mask], 1), pos, past)["logits"])
+
+    def token_ids(c: str) -> list[int]:
+        return em.text.tok.encode(c, add_special_tokens=False).ids
+
+    return score_candidates(_log_softmax(out["logits"]), choices, token_ids, cont), out["kept_indices"]
 
 
 def evaluate_export(em: ExportedModel, dataset, batch_size: int = 16, progress: bool = True) -> dict:

@@ -11,7 +11,14 @@ import torch
 from tqdm.auto import tqdm
 
 from qavtp.data.prompts import chat_prompt
-from qavtp.metrics import markdown_table, normalize_answer, record, summarize, wilson  # noqa: F401  (re-exported)
+from qavtp.metrics import (  # noqa: F401  (markdown_table, wilson: re-exported)
+    markdown_table,
+    normalize_answer,
+    record,
+    score_candidates,
+    summarize,
+    wilson,
+)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -142,27 +149,14 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
 
 
 def _score_candidates(tok, first, choices, continue_fn) -> list[list[float]]:
-    """Candidates' summed log-probabilities: ``first`` [B, V] scores first tokens; longer candidates continue
-    through ``continue_fn(rows, ids, mask)``, the logits of right-padded ``ids`` appended to those prompt rows."""
-    pad = tok.pad_token_id
-    scores: list[list[float]] = []
-    long_pairs: list[tuple[int, int, list[int]]] = []
-    for i, cands in enumerate(choices):
-        row = []
-        for j, c in enumerate(cands):
-            cids = choice_ids(tok, c)
-            row.append(first[i, cids[0]].item())
-            if len(cids) > 1:
-                long_pairs.append((i, j, cids))
-        scores.append(row)
-    if long_pairs:
-        rows = torch.tensor([i for i, _, _ in long_pairs])
-        c_ids, c_mask = _pad([cids[:-1] for _, _, cids in long_pairs], pad, left=False)
-        logp = continue_fn(rows, c_ids, c_mask).float().log_softmax(-1)
-        for k, (i, j, cids) in enumerate(long_pairs):
-            rest = torch.tensor(cids[1:])
-            scores[i][j] += logp[k, : len(rest)].gather(-1, rest[:, None]).sum().item()
-    return scores
+    """:func:`qavtp.metrics.score_candidates` with torch: ``continue_fn(rows, ids, mask)`` returns the logits
+    of right-padded ``ids [R, T]`` appended to prompt rows ``rows [R]``."""
+
+    def cont(rows, seqs):
+        c_ids, c_mask = _pad(seqs, tok.pad_token_id, left=False)
+        return continue_fn(torch.tensor(rows), c_ids, c_mask).float().log_softmax(-1)
+
+    return score_candidates(first, choices, lambda c: choice_ids(tok, c), cont)
 
 
 @dataclass(frozen=True)

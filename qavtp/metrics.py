@@ -24,6 +24,31 @@ def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, mid - half), min(1.0, mid + half)]
 
 
+def score_candidates(first, choices, token_ids, continue_fn) -> list[list[float]]:
+    """Summed log-probability of every candidate answer, for torch and onnxruntime alike.
+
+    ``first [B, V]`` are the log-probabilities after each prompt (they score every candidate's first token);
+    ``token_ids(text)`` tokenizes a candidate; ``continue_fn(rows, seqs)`` returns log-probabilities
+    ``[R, T, V]`` of the token lists ``seqs`` appended to prompt rows ``rows`` (right-padded to T), which
+    score the remaining tokens of multi-token candidates.
+    """
+    scores: list[list[float]] = []
+    long_pairs: list[tuple[int, int, list[int]]] = []
+    for i, cands in enumerate(choices):
+        row = []
+        for j, c in enumerate(cands):
+            ids = token_ids(c)
+            row.append(float(first[i, ids[0]]))
+            if len(ids) > 1:
+                long_pairs.append((i, j, ids))
+        scores.append(row)
+    if long_pairs:
+        logp = continue_fn([i for i, _, _ in long_pairs], [ids[:-1] for _, _, ids in long_pairs])
+        for k, (i, j, ids) in enumerate(long_pairs):
+            scores[i][j] += sum(float(logp[k, t, ids[t + 1]]) for t in range(len(ids) - 1))
+    return scores
+
+
 def summarize(correct: dict[str, list[int]], predictions: list[dict]) -> dict:
     """Accuracy overall and per question type, with Wilson intervals; ``correct`` maps type -> 0/1 list."""
     by_type = {
