@@ -192,8 +192,8 @@ def eval_cmd(
 
     if batch_size < 1:
         raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
-    from qavtp.calibrate.fusion import fusion_for, parse_ratios
-    from qavtp.sweep import parse_scorers
+    from qavtp.calibrate.fusion import parse_ratios
+    from qavtp.sweep import check_fusion, parse_scorers
 
     ratios = parse_ratios(retain)
     if retain is not None and not ratios:
@@ -208,9 +208,7 @@ def eval_cmd(
         from qavtp.calibrate.artifact import read_config
 
         cfg = read_config(artifact)
-    if "qavtp" in scorers and any(r < 1 for r in ratios):
-        for r in ratios:
-            fusion_for(cfg or {}, r)  # fail before loading anything
+    check_fusion(cfg, scorers, ratios)  # fail before loading anything
     torch.manual_seed(seed)
     ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
     if len(ratios) > 1 or len(scorers) > 1 or with_fp:
@@ -235,17 +233,13 @@ def eval_cmd(
     net, processor, adapter = _load(model, artifact, dtype, cache_dir)
     model = f"artifact {artifact}" if artifact else (model or DEFAULT_MODEL)
     rho = ratios[0] if ratios else None
-    if rho is not None:
-        from qavtp.scoring import check_layer
-
-        check_layer(len(adapter.decoder_layers), layer_k)
     prune = None
     if rho is not None:
-        from qavtp.evaluate import Pruning
-        from qavtp.sweep import quantizer_of
+        from qavtp.scoring import check_layer
+        from qavtp.sweep import pruning_for
 
-        fusion = fusion_for(cfg, rho) if cfg and cfg.get("fusion") and rho < 1 else None
-        prune = Pruning(adapter, scorers[0], rho, fusion=fusion, spec=quantizer_of(cfg), seed=seed, layer=layer_k)
+        check_layer(len(adapter.decoder_layers), layer_k)
+        prune = pruning_for(adapter, scorers[0], rho, cfg, seed, layer_k)
     t0 = time.time()
     results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode, prune=prune)
     results["seconds"] = round(time.time() - t0, 1)

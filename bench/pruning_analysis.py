@@ -44,7 +44,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qavtp.calibrate.artifact import load_artifact
+    from qavtp.calibrate.artifact import activation_spec, load_artifact
     from qavtp.calibrate.fusion import fusion_for
     from qavtp.data import load_data
     from qavtp.evaluate import encode
@@ -56,10 +56,9 @@ def main() -> None:
         quant_error_score,
         semantic_scores,
     )
-    from qavtp.sweep import quantizer_of
 
     model, processor, adapter, cfg = load_artifact(a.artifact)
-    spec = quantizer_of(cfg)
+    spec = activation_spec(cfg)
     ds = load_data("easy-vqa", "test", a.limit, 0)
     ratios = sorted((float(k) for k in cfg["fusion"]["ratios"]), reverse=True)
     acc = {k: [] for k in ("text", "cls", "err", "rel", "range", "fg")}

@@ -82,6 +82,12 @@ def read_config(artifact_dir: str | os.PathLike) -> dict:
     return cfg
 
 
+def activation_spec(cfg: dict | None) -> QuantSpec | None:
+    """The deployed activation quantizer of an artifact config (None: unquantized activations or no artifact)."""
+    acts = (cfg or {}).get("options", {}).get("activations")
+    return QuantSpec.from_dict(acts) if acts else None
+
+
 def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None, dtype: str = "fp32"):
     """The calibrated model: the source checkpoint, rebuilt with the artifact's modules and weights."""
     from qavtp.models.loading import load_model, resolve
@@ -100,7 +106,7 @@ def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike 
     if rotation:
         install_online_transforms(adapter, rotation)
     wspec = QuantSpec.from_dict(cfg["options"]["weights"])
-    aspec = QuantSpec.from_dict(cfg["options"]["activations"]) if cfg["options"]["activations"] else None
+    aspec = activation_spec(cfg)
     layers = adapter.decoder_layers
     for name in cfg["calibration"]["quantized"]:
         rel = name[len("layers.") :]

@@ -2,8 +2,11 @@
 
 The artifact's ``config.json`` holds, under ``fusion``::
 
-    {"layer": 0, "objective": "kl", "n_samples": 128,
-     "ratios": {"0.125": {"params": FusionParams.to_dict(), "score": ..., "curve": [...]}, ...}}
+    {"layer": 0, "objective": "kl", "n_samples": 64, "dense": {metrics}, "forwards": ..., "seconds": ...,
+     "ratios": {"0.125": {"params": FusionParams.to_dict(), **metrics, "qapruner": {metrics},
+                          "curve": [{"stage": 1, "params": {...}, **metrics}, ...]}, ...}}
+
+with ``metrics`` = ``kl``, ``accuracy`` (first-token, calibration) and ``choice_kl`` (see ``OBJECTIVES``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,24 @@ def fusion_for(cfg: dict, rho: float) -> FusionParams:
 # (first tokens, renormalised), which is what the answer is read from; accuracy: calibration accuracy.
 OBJECTIVES = ("kl", "choice-kl", "accuracy")
 METRICS = ("kl", "accuracy", "choice_kl")
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise QavtpError(f"unknown fusion objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    return objective
+
+
+def check_fusion_samples(fusion_samples: int) -> int:
+    if fusion_samples < 1:
+        raise QavtpError(f"--fusion-samples must be at least 1, got {fusion_samples}")
+    return fusion_samples
+
+
+def fusion_subset(calibration_set, fusion_samples: int):
+    """The first ``fusion_samples`` calibration questions: fusion weights are learned on calibration data only."""
+    check_fusion_samples(fusion_samples)
+    return calibration_set.select(range(min(fusion_samples, len(calibration_set))))
 
 
 def parse_ratios(spec: str | float | list | tuple | None) -> list[float]:
@@ -239,7 +260,7 @@ def learn_fusion(
     dataset,
     ratios: list[float],
     target: Tensor,
-    qspec: QuantSpec,
+    qspec: QuantSpec | None,
     objective: str = "kl",
     batch_size: int = 16,
     progress: bool = True,
@@ -248,10 +269,11 @@ def learn_fusion(
 
     ``target`` are the floating-point model's dense next-token log-probabilities (:func:`dense_logprobs`);
     the model behind ``adapter`` is the calibrated (quantized) one. The paper's recipe (``qapruner``) is
-    always a candidate, so the learned choice is never worse than it on the calibration objective.
+    always a candidate, so the learned choice is never worse than it on the calibration objective. ``qspec`` is
+    the deployed activation quantizer; with unquantized activations the error term simulates per-token INT4.
     """
-    if objective not in OBJECTIVES:
-        raise QavtpError(f"unknown fusion objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    check_objective(objective)
+    qspec = qspec or QuantSpec(4, True, 0)
     if len(dataset) == 0:
         raise QavtpError("the fusion calibration set is empty")
     t0 = time.time()
@@ -319,7 +341,7 @@ def refit_fusion(
     import gc
     from pathlib import Path
 
-    from qavtp.calibrate.artifact import CONFIG, load_artifact, read_config
+    from qavtp.calibrate.artifact import CONFIG, activation_spec, load_artifact, read_config
     from qavtp.data import load_data
     from qavtp.io import atomic_write_json
     from qavtp.models.loading import load_model, resolve
@@ -328,20 +350,16 @@ def refit_fusion(
     ratios = [r for r in parse_ratios(retain) if r < 1.0]
     if not ratios:
         raise QavtpError("name at least one retention ratio below 1 to learn fusion weights for")
-    if objective not in OBJECTIVES:
-        raise QavtpError(f"unknown fusion objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
-    if fusion_samples < 1:
-        raise QavtpError(f"--fusion-samples must be at least 1, got {fusion_samples}")
+    check_objective(objective)
     data = cfg["data"]
-    ds = load_data(data["spec"], "train", limit=data["n_samples"], seed=data["seed"])
-    fds = ds.select(range(min(fusion_samples, len(ds))))
+    fds = fusion_subset(load_data(data["spec"], "train", limit=data["n_samples"], seed=data["seed"]), fusion_samples)
     fp, processor, _ = load_model(resolve(cfg["source"]["model"], cache_dir))
     target = dense_logprobs(fp, processor, fds)
     del fp
     gc.collect()
     _, processor, adapter, cfg = load_artifact(artifact_dir)
-    acts = cfg["options"].get("activations")
-    qspec = QuantSpec.from_dict(acts) if acts else QuantSpec(4, True, 0)
-    cfg["fusion"] = learn_fusion(adapter, processor, fds, ratios, target, qspec, objective, progress=progress)
+    cfg["fusion"] = learn_fusion(
+        adapter, processor, fds, ratios, target, activation_spec(cfg), objective, progress=progress
+    )
     atomic_write_json(Path(artifact_dir) / CONFIG, cfg)
     return cfg["fusion"]

@@ -74,7 +74,14 @@ def run_calibration(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
-    from qavtp.calibrate.fusion import OBJECTIVES, dense_logprobs, learn_fusion, parse_ratios
+    from qavtp.calibrate.fusion import (
+        check_fusion_samples,
+        check_objective,
+        dense_logprobs,
+        fusion_subset,
+        learn_fusion,
+        parse_ratios,
+    )
     from qavtp.data import load_data
     from qavtp.models.loading import load_model, resolve
 
@@ -93,10 +100,9 @@ def run_calibration(
             raise QavtpError(f"--wgroup must be an integer or 'auto', got {wgroup!r}") from None
     quant_specs(wbits, abits, 0 if wgroup == "auto" else wgroup, agroup, wsym, asym, aclip)  # fail fast
     ratios = [r for r in parse_ratios(retain) if r < 1.0]
-    if ratios and fusion_samples < 1:
-        raise QavtpError(f"--fusion-samples must be at least 1, got {fusion_samples}")
-    if fusion_objective not in OBJECTIVES:
-        raise QavtpError(f"unknown fusion objective {fusion_objective!r}; use one of {', '.join(OBJECTIVES)}")
+    check_objective(fusion_objective)
+    if ratios:
+        check_fusion_samples(fusion_samples)
     torch.manual_seed(seed)
     path = resolve(model, cache_dir)
     net, processor, adapter = load_model(path)
@@ -107,8 +113,8 @@ def run_calibration(
     ds = load_data(data_spec, "train", limit=n_samples, seed=seed)
     batches = calibration_batches(processor, ds, batch_size)
     t0 = time.time()
-    fds = ds.select(range(min(fusion_samples, len(ds))))
     # The KL objective's target is the floating-point model's answer distribution: taken before calibration.
+    fds = fusion_subset(ds, fusion_samples) if ratios else None
     target = dense_logprobs(net, processor, fds) if ratios else None
     record = calibrate_model(
         adapter,
@@ -126,8 +132,7 @@ def run_calibration(
     seconds = round(time.time() - t0, 1)
     fusion = None
     if ratios:
-        qspec = aspec or QuantSpec(4, True, 0)
-        fusion = learn_fusion(adapter, processor, fds, ratios, target, qspec, fusion_objective, progress=progress)
+        fusion = learn_fusion(adapter, processor, fds, ratios, target, aspec, fusion_objective, progress=progress)
     config = {
         "qavtp_version": version("qavtp"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -176,23 +176,22 @@ def _pruned_prefill(prune: Pruning, processor, images, texts):
     from qavtp.pruned_lm import pruned_prefill
     from qavtp.scoring import score_tokens
 
-    p = prune
     enc = encode(processor, images, texts)
 
     def scores(hidden, visual, pad, pos):
         return score_tokens(
-            p.scorer,
-            p.adapter,
+            prune.scorer,
+            prune.adapter,
             {**enc, "attention_mask": pad, "position_ids": pos},
             hidden,
             visual,
-            spec=p.spec,
-            seed=p.seed,
-            fusion=p.fusion,
-            layer=p.layer,
+            spec=prune.spec,
+            seed=prune.seed,
+            fusion=prune.fusion,
+            layer=prune.layer,
         )
 
-    return pruned_prefill(p.adapter, enc, scores, p.rho, p.layer)
+    return pruned_prefill(prune.adapter, enc, scores, prune.rho, prune.layer)
 
 
 @torch.no_grad()
@@ -245,8 +244,8 @@ def evaluate(
 ) -> dict:
     """Accuracy overall and per question type; ``dataset`` has image, prompt, choices, answer, qtype.
 
-    ``prune`` keeps only the top ``ceil(rho N)`` visual tokens by its scorer before the LLM (log-likelihood
-    scoring only); ``keep_log``, if given, receives each question's kept indices in data set order.
+    ``prune`` keeps only the top ``ceil(rho N)`` visual tokens by its scorer from decoder layer K on (both
+    modes); ``keep_log``, if given, receives each question's kept indices in data set order.
     """
     if mode not in ("loglik", "generate"):
         raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}")

@@ -107,7 +107,6 @@ def pruned_prefill(
     layers = adapter.decoder_layers
     K = check_layer(len(layers), layer_k)
     ids = enc["input_ids"]
-    B, L = ids.shape
     pad = enc.get("attention_mask")
     pad = torch.ones_like(ids) if pad is None else pad
     pos = enc.get("position_ids")
@@ -136,7 +135,7 @@ def pruned_prefill(
 def extend(adapter, state: PrunedState, input_ids: Tensor, pad: Tensor | None = None) -> Tensor:
     """Logits ``[B, T, V]`` of ``input_ids [B, T]`` (right-padded by ``pad``) appended to ``state`` (updated)."""
     layers = adapter.decoder_layers
-    B, T = input_ids.shape
+    T = input_ids.shape[1]
     pad = torch.ones_like(input_ids) if pad is None else pad
     pos = state.next_pos[:, None] + torch.arange(T, device=input_ids.device)
     h = adapter.embed_tokens(input_ids)

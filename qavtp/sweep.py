@@ -6,7 +6,7 @@ import math
 import time
 
 from qavtp.errors import QavtpError
-from qavtp.evaluate import Pruning, evaluate
+from qavtp.evaluate import Pruning, encode, evaluate
 from qavtp.scoring import check_scorer
 
 # Rows of the ablation table: every single metric, then the paper's recipe and the learned fusion.
@@ -14,13 +14,23 @@ ABLATION = ("random", "linf", "l1", "l2", "variance", "outlier", "qerror", "hybr
 N_EXAMPLES = 4  # questions whose kept tokens are drawn
 
 
-def quantizer_of(cfg: dict | None):
-    """The deployed activation quantizer of an artifact config (None: unquantized activations)."""
-    from qavtp.calibrate.quantizers import QuantSpec
+def check_fusion(cfg: dict | None, scorers: list[str], ratios: list[float]) -> None:
+    """Scorer ``qavtp`` needs the artifact's fusion weights for every pruned ratio: one clear line if not."""
+    from qavtp.calibrate.fusion import fusion_for
 
-    if cfg and cfg["options"].get("activations"):
-        return QuantSpec.from_dict(cfg["options"]["activations"])
-    return None
+    if "qavtp" in scorers:
+        for rho in [r for r in ratios if r < 1]:
+            fusion_for(cfg or {}, rho)
+
+
+def pruning_for(adapter, scorer: str, rho: float, cfg: dict | None, seed: int = 0, layer: int = 0) -> Pruning:
+    """How ``qavtp eval`` prunes at ratio ``rho``: the artifact's fusion weights of that ratio (scorer ``qavtp``,
+    and the sensitivity ablation's quantizer and direction) and its deployed activation quantizer."""
+    from qavtp.calibrate.artifact import activation_spec
+    from qavtp.calibrate.fusion import fusion_for
+
+    fusion = fusion_for(cfg, rho) if cfg and cfg.get("fusion", {}).get("ratios") and rho < 1 else None
+    return Pruning(adapter, scorer, rho, fusion, activation_spec(cfg), seed, layer)
 
 
 def parse_scorers(spec: str) -> list[str]:
@@ -51,24 +61,16 @@ def run_sweep(
     ``cfg`` is the artifact config: the learned fusion weights of each ratio (scorer ``qavtp``; the
     sensitivity terms of the ablation use its quantizer and direction) and the deployed activation quantizer.
     """
-    from qavtp.calibrate.fusion import fusion_for
     from qavtp.scoring import check_layer
 
     check_layer(len(adapter.decoder_layers), layer)
-
-    spec = quantizer_of(cfg)
-    has_fusion = bool(cfg and cfg.get("fusion", {}).get("ratios"))
-    if "qavtp" in scorers and any(r < 1 for r in ratios) and not has_fusion:
-        fusion_for(cfg or {}, min(ratios))  # raises the one-line "calibrated without fusion weights" error
-    from qavtp.evaluate import encode
-
+    check_fusion(cfg, scorers, ratios)
     probe = dataset[0]
     n_visual = int(adapter.visual_positions(encode(processor, [probe["image"]], [probe["prompt"]])["input_ids"]).sum())
     runs = []
     for rho in sorted(set(ratios), reverse=True):
         for scorer in ["dense"] if rho == 1 else scorers:
-            fusion = fusion_for(cfg, rho) if has_fusion and rho < 1 else None
-            prune = None if rho == 1 else Pruning(adapter, scorer, rho, fusion, spec, seed, layer)
+            prune = None if rho == 1 else pruning_for(adapter, scorer, rho, cfg, seed, layer)
             keep_log: list = []
             t0 = time.time()
             res = evaluate(
