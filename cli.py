@@ -76,6 +76,14 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     help="quarot: also an online Hadamard before o_proj (mixes the heads).",
 )
 @click.option(
+    "--vocab-bits",
+    type=click.Choice(["4", "8", "16"]),
+    default="16",
+    show_default=True,
+    help="Token embedding and LM head: 4- or 8-bit weights (RTN, the weight group size; the head's input stays "
+    "float), or 16: floating point as QuaRot keeps them.",
+)
+@click.option(
     "--retain",
     default="0.5,0.25,0.125",
     show_default=True,
@@ -98,6 +106,7 @@ def calibrate(model, output, wasym, aasym, data_spec, **options):
     """Calibrate MODEL to W{wbits}A{abits} and write a quantization artifact."""
     from qavtp.calibrate.run import run_calibration
 
+    options["vocab_bits"] = int(options["vocab_bits"])
     out = run_calibration(model, output, data_spec=data_spec, wsym=not wasym, asym=not aasym, **options)
     click.echo(f"wrote {out}")
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, pack_int4, unpack_int4
+from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, QuantWeight, pack_int4, unpack_int4
 from qavtp.calibrate.rotation import install_online_transforms
+from qavtp.calibrate.vocab import install_quant_vocab
 from qavtp.errors import QavtpError
 from qavtp.io import atomic_dir
 
@@ -50,7 +51,7 @@ def _stored_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         out[k] = v.detach().contiguous().clone()
     # Packed int4 codes: half the bytes of int8, as the artifact format promises.
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear) and mod.wspec.bits == 4 and f"{name}.qweight" in out:
+        if isinstance(mod, QuantWeight) and mod.wspec.bits == 4 and f"{name}.qweight" in out:
             codes = out.pop(f"{name}.qweight")
             out[f"{name}.qweight_int4"] = pack_int4(codes)
     return out
@@ -105,6 +106,9 @@ def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike 
     rotation = cfg["calibration"]["transforms"].get("rotation")
     if rotation:
         install_online_transforms(adapter, rotation)
+    vocab = cfg["options"].get("vocab")
+    if vocab:
+        install_quant_vocab(adapter, QuantSpec.from_dict(vocab))
     wspec = QuantSpec.from_dict(cfg["options"]["weights"])
     aspec = activation_spec(cfg)
     layers = adapter.decoder_layers
@@ -120,8 +124,9 @@ def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike 
         raise QavtpError(f"corrupt artifact weights {d / WEIGHTS}: {e}") from None
     for k in [k for k in state if k.endswith(".qweight_int4")]:
         base = k[: -len("_int4")]
-        shape = model.get_submodule(base.rsplit(".", 1)[0]).qweight.shape
-        state[base] = unpack_int4(state.pop(k), signed=wspec.symmetric, n=shape[-1]).to(wspec.code_dtype)
+        owner = model.get_submodule(base.rsplit(".", 1)[0])
+        spec = owner.wspec
+        state[base] = unpack_int4(state.pop(k), signed=spec.symmetric, n=owner.qweight.shape[-1]).to(spec.code_dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise QavtpError(f"artifact {d} holds tensors this model lacks, e.g. {unexpected[0]}")

@@ -360,29 +360,47 @@ class ActQuant(nn.Module):
         return f"spec={self.spec}"
 
 
-class QuantLinear(nn.Module):
-    """``F.linear(Qa(x), dequant(codes, scale, zero), bias)``.
+class QuantWeight(nn.Module):
+    """Integer weight codes, group scales and zero points as buffers (safetensors-friendly), with the
+    dequantized ``weight`` as a non-persistent cache rebuilt after ``load_state_dict`` (it also keeps code
+    that reads ``module.weight.dtype`` or ``.shape`` working). Rows are output channels or vocabulary entries;
+    groups run along the columns."""
 
-    The state dict holds only integer codes, scales, zero points and bias (safetensors-friendly); the
-    dequantized ``weight`` is a non-persistent cache, rebuilt after ``load_state_dict``, that also keeps
-    code reading ``module.weight.dtype`` working.
-    """
+    def __init__(self, rows: int, cols: int, wspec: QuantSpec):
+        super().__init__()
+        g = check_group_size(cols, wspec.group_size)
+        self.wspec = wspec
+        self.register_buffer("qweight", torch.zeros(rows, cols, dtype=wspec.code_dtype))
+        self.register_buffer("scale", torch.ones(rows, cols // g))
+        zero = None if wspec.symmetric else torch.zeros(rows, cols // g, dtype=wspec.code_dtype)
+        self.register_buffer("zero", zero)
+        self.register_buffer("weight", torch.zeros(rows, cols), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
+
+    @torch.no_grad()
+    def set_codes(self, q: Tensor, scale: Tensor, zero: Tensor | None) -> None:
+        self.qweight.copy_(q)
+        self.scale.copy_(scale)
+        if zero is not None:
+            self.zero.copy_(zero)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the cached dequantized weight from codes, scale and zero point."""
+        self.weight = dequantize_weight(self.qweight, self.scale, self.zero, self.wspec, dtype=self.scale.dtype)
+
+
+class QuantLinear(QuantWeight):
+    """``F.linear(Qa(x), dequant(codes, scale, zero), bias)``."""
 
     def __init__(
         self, in_features: int, out_features: int, wspec: QuantSpec, aspec: QuantSpec | None = None, bias: bool = True
     ):
-        super().__init__()
-        g = check_group_size(in_features, wspec.group_size)
+        super().__init__(out_features, in_features, wspec)
         self.in_features, self.out_features = in_features, out_features
-        self.wspec, self.aspec = wspec, aspec
-        n_groups = in_features // g
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=wspec.code_dtype))
-        self.register_buffer("scale", torch.ones(out_features, n_groups))
-        zero = None if wspec.symmetric else torch.zeros(out_features, n_groups, dtype=wspec.code_dtype)
-        self.register_buffer("zero", zero)
+        self.aspec = aspec
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self.register_buffer("weight", torch.zeros(out_features, in_features), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     @classmethod
     def from_linear(
@@ -406,19 +424,10 @@ class QuantLinear(nn.Module):
             raise QavtpError(f"unknown weight quantization method {method!r}; use 'rtn' or 'gptq'")
         m = cls(linear.in_features, linear.out_features, wspec, aspec, bias=linear.bias is not None)
         m.to(linear.weight.device)
-        m.qweight.copy_(q)
-        m.scale.copy_(scale)
-        if zero is not None:
-            m.zero.copy_(zero)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().to(torch.float32))
-        m.refresh()
+        m.set_codes(q, scale, zero)
         return m
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Rebuild the cached dequantized weight from codes, scale and zero point."""
-        self.weight = dequantize_weight(self.qweight, self.scale, self.zero, self.wspec, dtype=self.scale.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.aspec is not None:
@@ -428,6 +437,30 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w={self.wspec}, a={self.aspec}"
+
+
+class QuantEmbedding(QuantWeight):
+    """A token embedding whose rows are weight codes: ``embedding(ids, dequant(codes, scale, zero))``.
+
+    The rows are quantized like a linear layer's output channels (groups along the hidden size), so
+    the exported graph gathers packed codes and dequantizes only the looked-up rows."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, wspec: QuantSpec, padding_idx: int | None = None):
+        super().__init__(num_embeddings, embedding_dim, wspec)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, wspec: QuantSpec, clip_search: bool = False) -> QuantEmbedding:
+        q, scale, zero = quantize_weight_rtn(emb.weight, wspec, clip_search=clip_search)
+        m = cls(emb.num_embeddings, emb.embedding_dim, wspec, emb.padding_idx).to(emb.weight.device)
+        m.set_codes(q, scale, zero)
+        return m
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, w={self.wspec}"
 
 
 # -------------------------------------------------------------------------------------------- packing

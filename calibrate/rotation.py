@@ -105,7 +105,7 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
         param.copy_(value.to(param.dtype))
 
 
-def _untie_lm_head(adapter: Adapter) -> bool:
+def untie_lm_head(adapter: Adapter) -> bool:
     """Give lm_head its own copy of a tied embedding matrix; True if it was tied."""
     head, emb = adapter.lm_head, adapter.embed_tokens
     if head.weight.data_ptr() != emb.weight.data_ptr():
@@ -132,7 +132,7 @@ def fuse_layer_norms(adapter: Adapter) -> bool:
     norm into lm_head, which is untied from the embeddings first (they get different transforms
     later). Idempotent. Returns whether lm_head had to be untied.
     """
-    untied = _untie_lm_head(adapter)
+    untied = untie_lm_head(adapter)
     groups = norm_groups(adapter) + [("norm", adapter.final_norm, {"lm_head": adapter.lm_head})]
     for name, norm, linears in groups:
         _check_rmsnorm(name, norm)
@@ -256,7 +256,7 @@ def install_online_transforms(adapter: Adapter, description: dict) -> None:
     the wrappers, then load the rotated state dict (whose keys then read ``...down_proj.linear.weight``).
     """
     if description.get("untied_lm_head"):
-        _untie_lm_head(adapter)
+        untie_lm_head(adapter)
     for entry in description.get("online", []):
         if entry.get("transform") != "hadamard":
             raise QavtpError(f"unknown online transform {entry.get('transform')!r} on {entry.get('module')!r}")

@@ -14,6 +14,7 @@ import torch
 from qavtp.calibrate.artifact import fingerprint, save_artifact
 from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches
 from qavtp.calibrate.quantizers import QuantSpec, check_group_size
+from qavtp.calibrate.vocab import quantize_vocab
 from qavtp.errors import QavtpError
 
 
@@ -66,6 +67,7 @@ def run_calibration(
     clip_search: bool = False,
     smooth_alpha: float = 0.5,
     online_o_proj: bool = False,
+    vocab_bits: int = 16,
     seed: int = 0,
     retain: str | list[float] | None = None,
     fusion_samples: int = 64,
@@ -99,6 +101,8 @@ def run_calibration(
         except ValueError:
             raise QavtpError(f"--wgroup must be an integer or 'auto', got {wgroup!r}") from None
     quant_specs(wbits, abits, 0 if wgroup == "auto" else wgroup, agroup, wsym, asym, aclip)  # fail fast
+    if vocab_bits not in (4, 8, 16):
+        raise QavtpError(f"--vocab-bits must be 4, 8 or 16 (floating point), got {vocab_bits}")
     ratios = [r for r in parse_ratios(retain) if r < 1.0]
     check_objective(fusion_objective)
     if ratios:
@@ -129,6 +133,11 @@ def run_calibration(
         progress=progress,
         online_o_proj=online_o_proj,
     )
+    vspec = None
+    if vocab_bits != 16:
+        # Before the fusion weights are learned: they must see the model that will be deployed.
+        vspec = QuantSpec(vocab_bits, wspec.symmetric, wspec.group_size)  # hidden size: checked with the decoder
+        quantize_vocab(adapter, vspec, clip_search)
     seconds = round(time.time() - t0, 1)
     fusion = None
     if ratios:
@@ -146,6 +155,7 @@ def run_calibration(
             "clip_search": clip_search,
             "smooth_alpha": smooth_alpha if method == "smoothquant" else None,
             "online_o_proj": online_o_proj if method == "quarot" else None,
+            "vocab": vspec.to_dict() if vspec else None,
             "seed": seed,
         },
         # ru_maxrss is the process's peak resident memory (KiB on Linux): model + one layer's activations.

@@ -108,6 +108,7 @@ def _quantization(cfg: dict | None, fmt: str, accuracy_level: int) -> dict:
         "gptq": opts.get("gptq"),
         "weights": opts["weights"],
         "activations": opts["activations"],
+        "vocab": opts.get("vocab"),  # token embedding + LM head weights; None: float32
         "rotation": cfg["calibration"]["transforms"].get("rotation"),
         "smooth": cfg["calibration"]["transforms"].get("smooth"),
     }

@@ -14,9 +14,10 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from qavtp.calibrate.quantizers import QuantEmbedding
 from qavtp.errors import QavtpError
 from qavtp.export.builder import Graph
-from qavtp.export.int4 import fp_linear, linear, np32
+from qavtp.export.int4 import fp_linear, linear, np32, quant_gather
 
 DECODER_TYPES = ("llama", "mistral", "qwen2")
 VISION_TYPES = ("clip_vision_model",)
@@ -143,6 +144,8 @@ class Decoder:
 
     def embed(self, ids: str) -> str:
         emb = self.adapter.embed_tokens
+        if isinstance(emb, QuantEmbedding):
+            return quant_gather(self.g, ids, emb, self.name(emb))
         return self.g.op("Gather", self.g.weight(f"{self.name(emb)}.weight", np32(emb.weight)), ids, axis=0)
 
     def rope(self, position_ids: str) -> Rope:
@@ -218,7 +221,7 @@ class Decoder:
         x = rmsnorm(g, h, norm.weight, self.eps, self.name(norm))
         lm, emb = self.adapter.lm_head, self.adapter.embed_tokens
         if lm.weight.data_ptr() != emb.weight.data_ptr():
-            return fp_linear(g, x, lm, self.name(lm))
+            return self.linear(x, lm)
         w = g.weight(f"{self.name(emb)}.weight", np32(emb.weight))
         flat = g.op("Reshape", x, g.const([-1, self.hidden], I64))
         y = g.op("Gemm", flat, w, transB=1)

@@ -17,7 +17,7 @@ from onnx import TensorProto
 from torch import nn
 
 from qavtp.calibrate.hadamard import hadamard_factors
-from qavtp.calibrate.quantizers import QuantLinear, check_group_size, pack_int4
+from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, check_group_size, pack_int4
 from qavtp.calibrate.rotation import OnlineHadamardLinear
 from qavtp.errors import QavtpError
 from qavtp.export.builder import MS_DOMAIN, Graph, Tensor
@@ -101,6 +101,41 @@ def quant_linear(g: Graph, x: str, m: QuantLinear, name: str, fmt: str, accuracy
             stacklevel=2,
         )
     return _bias(g, g.op("MatMul", x, _qdq_weight(g, m, name)), m.bias, name)
+
+
+def quant_gather(g: Graph, ids: str, m: QuantEmbedding, name: str) -> str:
+    """``embedding(ids)`` of a quantized embedding in standard ops: gather the looked-up rows' codes, scales (and
+    zero points) and dequantize only those rows. 4-bit codes stay packed two per byte in the file (low nibble
+    first, as :func:`pack_int4`) and are unpacked with bit ops; ``(code - zero) * scale`` in float32 as torch."""
+    spec = m.wspec
+    dim = m.qweight.shape[1]
+    gs = check_group_size(dim, spec.group_size)
+    if spec.bits == 4:
+        packed = g.op(
+            "Gather", g.weight(f"{name}.qweight_packed", Tensor.from_numpy(pack_int4(m.qweight).numpy())), ids
+        )
+        lo = g.op("BitwiseAnd", packed, g.const(15, np.uint8))
+        hi = g.op("BitShift", packed, g.const(4, np.uint8), direction="RIGHT")
+        axis = g.const([-1], np.int64)
+        nib = g.op("Concat", g.op("Unsqueeze", lo, axis), g.op("Unsqueeze", hi, axis), axis=-1)
+        nib = g.op("Reshape", nib, g.const([0, 0, dim // gs, gs], np.int64))
+        if spec.symmetric:  # two's complement nibble n holds (n ^ 8) - 8
+            codes = g.op(
+                "Sub",
+                g.op("Cast", g.op("BitwiseXor", nib, g.const(8, np.uint8)), to=TensorProto.FLOAT),
+                g.const(np.float32(8)),
+            )
+        else:
+            codes = g.op("Cast", nib, to=TensorProto.FLOAT)
+    else:
+        codes8 = g.op("Gather", g.weight(f"{name}.qweight", _int_tensor(m.qweight, spec.symmetric, spec.bits)), ids)
+        codes = g.op("Reshape", g.op("Cast", codes8, to=TensorProto.FLOAT), g.const([0, 0, dim // gs, gs], np.int64))
+    last = g.const([-1], np.int64)
+    if not spec.symmetric:
+        zero = g.op("Gather", g.weight(f"{name}.zero", _int_tensor(m.zero, False, 8)), ids)
+        codes = g.op("Sub", codes, g.op("Unsqueeze", g.op("Cast", zero, to=TensorProto.FLOAT), last))
+    scale = g.op("Unsqueeze", g.op("Gather", g.weight(f"{name}.scale", np32(m.scale)), ids), last)
+    return g.op("Reshape", g.op("Mul", codes, scale), g.const([0, 0, dim], np.int64))
 
 
 def fp_linear(g: Graph, x: str, m: nn.Linear, name: str) -> str:

@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from qavtp.calibrate.artifact import fingerprint, load_artifact, read_config
 from qavtp.calibrate.pipeline import calibrate_model, calibration_batches
-from qavtp.calibrate.quantizers import QuantLinear, QuantSpec
+from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec
+from qavtp.calibrate.rotation import rotate_model
 from qavtp.calibrate.run import run_calibration
 from qavtp.calibrate.stats import capture_layer_inputs, observe_layer
 from qavtp.cli import main
@@ -106,6 +108,31 @@ def test_artifact_round_trip_is_exact(tiny_llava_dir, calib, probe, tmp_path):
     torch.testing.assert_close(_logits(model, probe), _logits(loaded, probe), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits,wsym", [(4, True), (8, False)])
+def test_quantized_vocabulary_round_trip(tiny_llava_dir, probe, tmp_path, bits, wsym):
+    """--vocab-bits: embedding and LM head become weight codes; the artifact holds no float vocabulary matrix."""
+    out = run_calibration(
+        tiny_llava_dir, tmp_path / "art", n_samples=8, batch_size=4, vocab_bits=bits, wsym=wsym, progress=False
+    )
+    cfg = read_config(out)
+    assert cfg["options"]["vocab"] == {**cfg["options"]["weights"], "bits": bits}
+    keys = safe_open(str(out / "quantized.safetensors"), "pt").keys()
+    assert not [k for k in keys if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert any(k.endswith("embed_tokens.qweight" + ("_int4" if bits == 4 else "")) for k in keys)
+    loaded, _, adapter, _ = load_artifact(out)
+    emb, head = adapter.embed_tokens, adapter.lm_head
+    assert isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear) and head.aspec is None
+    # The looked-up rows are the dequantized codes, within half a step of the rotated float rows.
+    model, _, fp = load_model(tiny_llava_dir)
+    rotated = rotate_model(fp, 0) and fp.embed_tokens.weight
+    step = emb.scale.repeat_interleave(emb.qweight.shape[1] // emb.scale.shape[1], dim=1)
+    assert ((emb.weight - rotated).abs() <= step / 2 + 1e-6).all()
+    ids = torch.arange(emb.num_embeddings)[None]
+    torch.testing.assert_close(emb(ids)[0], emb.weight, rtol=0, atol=0)
+    again, _, _, _ = load_artifact(out)
+    torch.testing.assert_close(_logits(loaded, probe), _logits(again, probe), rtol=0, atol=0)
+
+
 def _one_line_error(result, needle):
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
@@ -118,6 +145,7 @@ def test_bad_calibration_inputs(tiny_llava_dir, tmp_path):
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--wbits", "5"]), "bits must be one of 2, 3, 4, 8")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--wgroup", "48"]), "does not divide")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--n-samples", "0"]), "calibration set is empty")
+    assert "Invalid value for '--vocab-bits'" in run(main, [*base, str(tmp_path / "a"), "--vocab-bits", "3"]).output
     (tmp_path / "exists").mkdir()
     _one_line_error(run(main, [*base, str(tmp_path / "exists")]), "exists; pass --overwrite")
     assert not list(tmp_path.glob(".a-*")) and not (tmp_path / "a").exists()

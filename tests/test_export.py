@@ -59,6 +59,15 @@ def artifact(tiny_llava_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def vocab_artifact(tiny_llava_dir, tmp_path_factory):
+    """4-bit token embedding and LM head as well (``--vocab-bits 4``)."""
+    out = tmp_path_factory.mktemp("artv") / "w4a4v"
+    return run_calibration(
+        tiny_llava_dir, out, method="quarot", n_samples=8, batch_size=4, vocab_bits=4, progress=False
+    )
+
+
+@pytest.fixture(scope="module")
 def fusion_artifact(artifact, tmp_path_factory):
     return _with_fusion(artifact, tmp_path_factory.mktemp("artf") / "w4a4f", FUSION)
 
@@ -74,7 +83,7 @@ def rows(padded_rows):
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, tmp_path_factory):
+def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artifact, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     specs = {
         "qdq": (fusion_artifact, 0.25, "qavtp", "qdq"),
@@ -83,6 +92,8 @@ def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, tmp_path_fa
         "qapruner": (artifact, 0.25, "qapruner", "qdq"),
         "dense": (artifact, 1.0, "qavtp", "qdq"),
         "fp32": (tiny_llava_dir, 0.25, "semantic", "qdq"),
+        "vocab": (vocab_artifact, 0.25, "qapruner", "qdq"),
+        "vocab-ort": (vocab_artifact, 0.25, "qapruner", "ort"),
     }
     return {k: export_model(str(s), root / k, r, sc, f) for k, (s, r, sc, f) in specs.items()}
 
@@ -103,10 +114,11 @@ def _rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def _load(which, tiny_llava_dir, artifact, fusion_artifact, cls_artifact=None):
+def _load(which, tiny_llava_dir, artifact, fusion_artifact, cls_artifact=None, vocab_artifact=None):
     if which == "fp32":
         return load_model(tiny_llava_dir)
-    source = {"qapruner": artifact, "dense": artifact, "cls": cls_artifact}.get(which, fusion_artifact)
+    sources = {"qapruner": artifact, "dense": artifact, "cls": cls_artifact}
+    source = {**sources, "vocab": vocab_artifact, "vocab-ort": vocab_artifact}.get(which, fusion_artifact)
     model, processor, adapter, _ = load_artifact(source)
     return model, processor, adapter
 
@@ -169,14 +181,33 @@ def test_graphs_are_valid_onnx_and_share_one_weights_file(exports, tmp_path):
     assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
     ops = {n.op_type for n in onnx.load(str(exports["qdq"] / "decode.onnx"), load_external_data=False).graph.node}
     assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
+    # --vocab-bits 4: the embedding is gathered from packed codes and the head is a MatMulNBits too, so no
+    # float32 vocabulary matrix is left (only group scales), and the file loses at least 3/4 of those matrices' bytes.
+    vocab = meta["model"]["vocab_size"]
+
+    def vocab_floats(d):
+        m = onnx.load(str(d / "decode.onnx"), load_external_data=False)
+        inits = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        return m, sum(4 * int(np.prod(t.dims)) for t in inits if vocab in t.dims)
+
+    m, left = vocab_floats(exports["vocab-ort"])
+    heads = [n for n in m.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("llm/head")]
+    assert len(heads) == 1
+    assert {"Gather", "BitwiseAnd", "BitShift"} <= {n.op_type for n in m.graph.node}
+    _, before = vocab_floats(exports["ort"])
+    plain, small = ((exports[k] / "weights.bin").stat().st_size for k in ("ort", "vocab-ort"))
+    assert left < before / 8  # the group scales
+    assert plain - small > 0.75 * before > 0
 
 
 # ---------------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("which", ["qdq", "ort", "cls", "qapruner", "dense", "fp32"])
-def test_prefill_and_decode_match_torch(which, exports, rows, tiny_llava_dir, artifact, fusion_artifact, cls_artifact):
-    model, processor, adapter = _load(which, tiny_llava_dir, artifact, fusion_artifact, cls_artifact)
+@pytest.mark.parametrize("which", ["qdq", "ort", "cls", "qapruner", "dense", "fp32", "vocab", "vocab-ort"])
+def test_prefill_and_decode_match_torch(
+    which, exports, rows, tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artifact
+):
+    model, processor, adapter = _load(which, tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artifact)
     meta = read_meta(exports[which])
     rho, scorer = meta["pruning"]["retain"], meta["pruning"]["scorer"]
     enc = encode(processor, *rows)
@@ -226,11 +257,13 @@ class GatherElements(OpRun):
         return (np.take_along_axis(data, indices, axis=axis),)
 
 
-def test_reference_evaluator_matches_onnxruntime(exports, rows, tiny_llava_dir):
-    """The qdq graph is plain ONNX: onnx's pure-Python runtime computes what onnxruntime does."""
+@pytest.mark.parametrize("which", ["qdq", "vocab"])
+def test_reference_evaluator_matches_onnxruntime(which, exports, rows, tiny_llava_dir):
+    """The qdq graph is plain ONNX: onnx's pure-Python runtime computes what onnxruntime does (also the bit-op
+    unpacking of a 4-bit embedding)."""
     _, processor, _ = load_model(tiny_llava_dir)
     enc = encode(processor, *rows)
-    path = exports["qdq"] / "prefill.onnx"
+    path = exports[which] / "prefill.onnx"
     got = _run(_session(path), _feeds(enc))
     ref_eval = ReferenceEvaluator(str(path), new_ops=[GatherElements])
     names = ref_eval.output_names

@@ -52,6 +52,12 @@ class Adapter:
     def lm_head(self) -> nn.Linear:
         raise NotImplementedError
 
+    def set_embed_tokens(self, module: nn.Module) -> None:
+        self.language_model.embed_tokens = module
+
+    def set_lm_head(self, module: nn.Module) -> None:
+        raise NotImplementedError
+
     @property
     def image_token_id(self) -> int:
         raise NotImplementedError

@@ -40,6 +40,9 @@ class LlavaAdapter(Adapter):
     def lm_head(self) -> nn.Linear:
         return self.model.lm_head
 
+    def set_lm_head(self, module: nn.Module) -> None:
+        self.model.lm_head = module
+
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
