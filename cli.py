@@ -98,6 +98,13 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     help="kl: match the FP dense model's next-token distribution; choice-kl: over the candidate answers only; "
     "accuracy: calibration accuracy.",
 )
+@click.option(
+    "--fusion-holdout/--no-fusion-holdout",
+    default=True,
+    show_default=True,
+    help="Adopt the searched fusion weights only if they beat the paper's preset (qapruner) on the next "
+    "--fusion-samples calibration questions, which the search never sees; else store the preset.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
@@ -116,12 +123,13 @@ def calibrate(model, output, wasym, aasym, data_spec, **options):
 @click.option("--retain", default="0.5,0.25,0.125", show_default=True, help="Retention ratios to learn weights for.")
 @click.option("--fusion-samples", type=int, default=64, show_default=True, help="Calibration questions for fusion.")
 @click.option("--fusion-objective", type=click.Choice(["kl", "choice-kl", "accuracy"]), default="kl", show_default=True)
+@click.option("--fusion-holdout/--no-fusion-holdout", default=True, show_default=True)
 @cache_option
-def fuse(artifact, retain, fusion_samples, fusion_objective, cache_dir):
+def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cache_dir):
     """Learn the pruning fusion weights of an existing ARTIFACT again (its weights stay as they are)."""
     from qavtp.calibrate.fusion import refit_fusion
 
-    fus = refit_fusion(artifact, retain, fusion_samples, fusion_objective, cache_dir)
+    fus = refit_fusion(artifact, retain, fusion_samples, fusion_objective, cache_dir, holdout=fusion_holdout)
     for key, e in fus["ratios"].items():
         click.echo(f"retain {key}: {e['params']}")
     click.echo(f"wrote {Path(artifact) / 'config.json'}")

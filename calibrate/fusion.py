@@ -3,8 +3,13 @@
 The artifact's ``config.json`` holds, under ``fusion``::
 
     {"layer": 0, "objective": "kl", "n_samples": 64, "dense": {metrics}, "forwards": ..., "seconds": ...,
+     "holdout_samples": 64,
      "ratios": {"0.125": {"params": FusionParams.to_dict(), **metrics, "qapruner": {metrics},
+                          "searched": the search's winner, "holdout": holdout_test(...) or None,
                           "curve": [{"stage": 1, "params": {...}, **metrics}, ...]}, ...}}
+
+``params`` is what pruning uses: the search's winner if it beat the paper's preset on held-out calibration
+questions, else the preset.
 
 with ``metrics`` = ``kl``, ``accuracy`` (first-token, calibration) and ``choice_kl`` (see ``OBJECTIVES``).
 """
@@ -75,6 +80,13 @@ def fusion_subset(calibration_set, fusion_samples: int):
     """The first ``fusion_samples`` calibration questions: fusion weights are learned on calibration data only."""
     check_fusion_samples(fusion_samples)
     return calibration_set.select(range(min(fusion_samples, len(calibration_set))))
+
+
+def holdout_subset(calibration_set, fusion_samples: int):
+    """The next ``fusion_samples`` calibration questions after :func:`fusion_subset` (None if there are none)."""
+    start = min(fusion_samples, len(calibration_set))
+    stop = min(2 * fusion_samples, len(calibration_set))
+    return calibration_set.select(range(start, stop)) if stop > start else None
 
 
 def parse_ratios(spec: str | float | list | tuple | None) -> list[float]:
@@ -212,6 +224,13 @@ class _Judge:
 
     def judge(self, configs: list[FusionParams], rho: float) -> list[tuple[float, ...]]:
         """Mean KL, first-token accuracy and candidate KL of each candidate at retention ``rho``."""
+        return [
+            tuple(sum(m[i] for m in ms) / len(ms) for i in range(len(METRICS)))
+            for ms in self.per_question(configs, rho)
+        ]
+
+    def per_question(self, configs: list[FusionParams], rho: float) -> list[list[tuple[float, ...]]]:
+        """The metrics of every calibration question under each candidate (in question order)."""
         keys_per_cfg: list[list[tuple]] = [[] for _ in configs]
         for b in self.prepared:
             todo: dict[tuple, tuple[int, Tensor]] = {}
@@ -229,11 +248,7 @@ class _Judge:
                 keep = torch.stack([k for _, (_, k) in part])
                 for (key, _), m in zip(part, self._metrics(b, local, keep), strict=True):
                     self.memo[key] = m
-        res = []
-        for keys in keys_per_cfg:
-            ms = [self.memo[k] for k in keys]
-            res.append(tuple(sum(m[i] for m in ms) / len(ms) for i in range(len(METRICS))))
-        return res
+        return [[self.memo[k] for k in keys] for keys in keys_per_cfg]
 
     def dense(self) -> tuple[float, ...]:
         ms = []
@@ -242,6 +257,35 @@ class _Judge:
             keep = torch.arange(int(n)).expand(len(b.rows), -1)
             ms += self._metrics(b, list(range(len(b.rows))), keep)
         return tuple(sum(m[i] for m in ms) / len(ms) for i in range(len(METRICS)))
+
+
+def _loss(objective: str, m: tuple[float, ...]) -> float:
+    """One question's objective value, lower is better."""
+    return {"kl": m[0], "accuracy": -m[1], "choice-kl": m[2]}[objective]
+
+
+def holdout_test(judge: _Judge, learned: FusionParams, preset: FusionParams, rho: float, objective: str) -> dict:
+    """Does the searched candidate beat the paper's preset on calibration questions the search never saw?
+
+    A paired comparison per question; the learned weights are adopted only if their mean gain is at least two
+    standard errors (one-sided, about 98 %). The search picks the best of ~50 candidates on its own questions,
+    so its winning margin there is biased upwards; on the reference model it did not carry over to the test set.
+    """
+    a, b = judge.per_question([learned, preset], rho)
+    gain = torch.tensor([_loss(objective, mb) - _loss(objective, ma) for ma, mb in zip(a, b, strict=True)])
+    n = gain.numel()
+    se = float(gain.std() / n**0.5) if n > 1 else float("inf")
+    mean = float(gain.mean())
+    z = mean / se if se > 0 else (float("inf") if mean > 0 else 0.0)
+    avg = lambda ms: {k: sum(m[i] for m in ms) / len(ms) for i, k in enumerate(METRICS)}  # noqa: E731
+    return {
+        "n": n,
+        "learned": avg(a),
+        "qapruner": avg(b),
+        "gain": mean,
+        "z": z,
+        "adopted": "learned" if z >= 2.0 else "qapruner",
+    }
 
 
 def _rank(objective: str):
@@ -264,8 +308,12 @@ def learn_fusion(
     objective: str = "kl",
     batch_size: int = 16,
     progress: bool = True,
+    holdout: tuple | None = None,
 ) -> dict:
     """Learn the fusion parameters of every retention ratio on calibration data (a staged grid search).
+
+    ``holdout`` = ``(dataset, target)``: other calibration questions on which the search's winner must beat the
+    paper's preset (:func:`holdout_test`) to be adopted; otherwise the preset is stored.
 
     ``target`` are the floating-point model's dense next-token log-probabilities (:func:`dense_logprobs`);
     the model behind ``adapter`` is the calibrated (quantized) one. The paper's recipe (``qapruner``) is
@@ -279,6 +327,7 @@ def learn_fusion(
     t0 = time.time()
     prepared = _prepare(adapter, processor, dataset, batch_size)
     judge = _Judge(adapter, prepared, target)
+    held = _Judge(adapter, _prepare(adapter, processor, holdout[0], batch_size), holdout[1]) if holdout else None
     dim = prepared[0].X.shape[-1]
     base = FusionParams(qspec=qspec.to_dict())
     preset = qapruner_params(dim)
@@ -310,18 +359,30 @@ def learn_fusion(
         anchor = FusionParams.from_dict({**best.to_dict(), "semantic": best_sem["params"]["semantic"]})
         best = run(candidate_grid(anchor, 2, anchor) + [preset], 2)
         best = run(candidate_grid(base, 3, best), 3)
+        searched = best
+        check = None
+        if held is not None and best != preset:
+            check = holdout_test(held, best, preset, rho, objective)
+            best = best if check["adopted"] == "learned" else preset
         chosen = next(e for e in curve if e["params"] == best.to_dict())
         preset_entry = next(e for e in curve if e["params"] == preset.to_dict())
         result["ratios"][ratio_key(rho)] = {
             "params": best.to_dict(),
             **{k: chosen[k] for k in METRICS},
             "qapruner": {k: preset_entry[k] for k in METRICS},
+            "searched": searched.to_dict(),
+            "holdout": check,
             "curve": curve,
         }
         key = "choice_kl" if objective == "choice-kl" else "kl"
-        bar.write(f"retain {rho:g}: {best.to_dict()} {key} {chosen[key]:.4f} (paper preset {preset_entry[key]:.4f})")
+        searched_entry = next(e for e in curve if e["params"] == searched.to_dict())
+        msg = f"retain {rho:g}: searched {key} {searched_entry[key]:.4f} vs paper preset {preset_entry[key]:.4f}"
+        if check is not None:
+            msg += f"; held-out gain z = {check['z']:.2f} over {check['n']} questions: {check['adopted']} adopted"
+        bar.write(msg)
     bar.close()
-    result["forwards"] = judge.forwards
+    result["forwards"] = judge.forwards + (held.forwards if held else 0)
+    result["holdout_samples"] = len(holdout[0]) if holdout else 0
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
@@ -333,6 +394,7 @@ def refit_fusion(
     objective: str = "kl",
     cache_dir=None,
     progress: bool = True,
+    holdout: bool = True,
 ) -> dict:
     """Learn the fusion weights of an existing artifact again (other ratios, objective or sample count).
 
@@ -352,14 +414,17 @@ def refit_fusion(
         raise QavtpError("name at least one retention ratio below 1 to learn fusion weights for")
     check_objective(objective)
     data = cfg["data"]
-    fds = fusion_subset(load_data(data["spec"], "train", limit=data["n_samples"], seed=data["seed"]), fusion_samples)
+    calib = load_data(data["spec"], "train", limit=data["n_samples"], seed=data["seed"])
+    fds = fusion_subset(calib, fusion_samples)
+    hds = holdout_subset(calib, fusion_samples) if holdout else None
     fp, processor, _ = load_model(resolve(cfg["source"]["model"], cache_dir))
     target = dense_logprobs(fp, processor, fds)
+    held = (hds, dense_logprobs(fp, processor, hds)) if hds is not None else None
     del fp
     gc.collect()
     _, processor, adapter, cfg = load_artifact(artifact_dir)
     cfg["fusion"] = learn_fusion(
-        adapter, processor, fds, ratios, target, activation_spec(cfg), objective, progress=progress
+        adapter, processor, fds, ratios, target, activation_spec(cfg), objective, progress=progress, holdout=held
     )
     atomic_write_json(Path(artifact_dir) / CONFIG, cfg)
     return cfg["fusion"]

@@ -72,6 +72,7 @@ def run_calibration(
     retain: str | list[float] | None = None,
     fusion_samples: int = 64,
     fusion_objective: str = "kl",
+    fusion_holdout: bool = True,
     overwrite: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -81,6 +82,7 @@ def run_calibration(
         check_objective,
         dense_logprobs,
         fusion_subset,
+        holdout_subset,
         learn_fusion,
         parse_ratios,
     )
@@ -120,6 +122,8 @@ def run_calibration(
     # The KL objective's target is the floating-point model's answer distribution: taken before calibration.
     fds = fusion_subset(ds, fusion_samples) if ratios else None
     target = dense_logprobs(net, processor, fds) if ratios else None
+    hds = holdout_subset(ds, fusion_samples) if ratios and fusion_holdout else None
+    held = (hds, dense_logprobs(net, processor, hds)) if hds is not None else None
     record = calibrate_model(
         adapter,
         batches,
@@ -141,7 +145,9 @@ def run_calibration(
     seconds = round(time.time() - t0, 1)
     fusion = None
     if ratios:
-        fusion = learn_fusion(adapter, processor, fds, ratios, target, aspec, fusion_objective, progress=progress)
+        fusion = learn_fusion(
+            adapter, processor, fds, ratios, target, aspec, fusion_objective, progress=progress, holdout=held
+        )
     config = {
         "qavtp_version": version("qavtp"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

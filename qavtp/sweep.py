@@ -150,8 +150,8 @@ def fusion_table(cfg: dict) -> str:
         f"(dense W4A4: KL {fus['dense']['kl']:.4f}, first-token accuracy {100 * fus['dense']['accuracy']:.1f} %).",
         "",
         "| retain | semantic | α | β | direction | norm | outlier | error | calib KL | calib acc "
-        "| qapruner KL | qapruner acc |",
-        "|---:|---|---:|---:|---|---|---|---|---:|---:|---:|---:|",
+        "| qapruner KL | qapruner acc | held-out z |",
+        "|---:|---|---:|---:|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for key, e in sorted(fus["ratios"].items(), key=lambda kv: -float(kv[0])):
         p = e["params"]
@@ -159,9 +159,17 @@ def fusion_table(cfg: dict) -> str:
         lines.append(
             f"| {float(key) * 100:g} % | {p['semantic']} | {p['alpha']:g} | {p['beta']:g} | {direction} | {p['norm']} "
             f"| {p['outlier']} | {'relative' if p['relative'] else 'absolute'} | {e['kl']:.4f} "
-            f"| {100 * e['accuracy']:.1f} | {e['qapruner']['kl']:.4f} | {100 * e['qapruner']['accuracy']:.1f} |"
+            f"| {100 * e['accuracy']:.1f} | {e['qapruner']['kl']:.4f} | {100 * e['qapruner']['accuracy']:.1f} "
+            f"| {_holdout_cell(e.get('holdout'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _holdout_cell(check: dict | None) -> str:
+    """How the held-out comparison with the preset went (older artifacts and equal winners have none)."""
+    if not check:
+        return "–"
+    return f"{check['z']:.2f} on {check['n']}: {check['adopted']}"
 
 
 # ------------------------------------------------------------------------------------------- plots

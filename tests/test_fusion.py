@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from qavtp.calibrate.artifact import load_artifact, read_config
-from qavtp.calibrate.fusion import candidate_grid, fusion_for, learn_fusion, parse_ratios, ratio_key
+from qavtp.calibrate.fusion import (
+    candidate_grid,
+    fusion_for,
+    holdout_test,
+    learn_fusion,
+    parse_ratios,
+    ratio_key,
+)
 from qavtp.calibrate.run import run_calibration
 from qavtp.data import load_data
 from qavtp.errors import QavtpError
@@ -60,21 +67,56 @@ def test_candidate_grid_stages_cover_the_open_choices():
     ]
 
 
-def test_calibrate_learns_and_stores_fusion(artifact):
+def test_calibrate_learns_and_stores_fusion(artifact, tiny_llava_dir):
     cfg = read_config(artifact)
     fus = cfg["fusion"]
     assert set(fus["ratios"]) == {"0.5", "0.25"} and fus["objective"] == "kl" and fus["n_samples"] == 6
+    assert fus["holdout_samples"] == 2  # calibration questions 7 and 8: the search saw only the first 6
+    preset = qapruner_params(load_model(tiny_llava_dir)[2].embed_tokens.weight.shape[1])
     for key, entry in fus["ratios"].items():
         curve = entry["curve"]
         assert {e["stage"] for e in curve} == {1, 2, 3}
-        best = min(e["kl"] for e in curve)
-        # The chosen point is the best of its curve, and never worse than the paper's preset.
-        assert entry["kl"] == pytest.approx(best)
-        assert entry["kl"] <= entry["qapruner"]["kl"] + 1e-12
+        best = min(curve, key=lambda e: e["kl"])
+        # The searched point is the best of its curve, and never worse than the paper's preset there.
+        assert entry["searched"] == best["params"] and best["kl"] <= entry["qapruner"]["kl"] + 1e-12
+        check = entry["holdout"]
+        if entry["searched"] == preset.to_dict():
+            assert check is None and entry["params"] == preset.to_dict()
+        else:
+            assert check["n"] == 2 and check["adopted"] in ("learned", "qapruner")
+            adopted = entry["searched"] if check["adopted"] == "learned" else preset.to_dict()
+            assert entry["params"] == adopted
         assert fusion_for(cfg, float(key)) == FusionParams.from_dict(entry["params"])
     # Memoised kept sets: far fewer forwards than candidates x questions x ratios.
     n_candidates = sum(len(e["curve"]) for e in fus["ratios"].values())
     assert fus["forwards"] < n_candidates * 6
+
+
+class _FakeJudge:
+    """Per-question metrics (kl, accuracy, choice_kl) of [learned, preset], as _Judge.per_question gives them."""
+
+    def __init__(self, learned_kl, preset_kl):
+        self.rows = [[(k, 1, k) for k in learned_kl], [(k, 1, k) for k in preset_kl]]
+
+    def per_question(self, configs, rho):
+        return self.rows
+
+
+def test_holdout_adopts_the_learned_weights_only_on_a_clear_paired_gain():
+    learned, preset = FusionParams(alpha=0.75), qapruner_params(576)
+    rng = torch.Generator().manual_seed(0)
+    base = torch.rand(40, generator=rng).tolist()
+    # A steady gain on every question: adopted.
+    clear = holdout_test(_FakeJudge([b - 0.05 for b in base], base), learned, preset, 0.25, "kl")
+    assert clear["adopted"] == "learned" and clear["gain"] == pytest.approx(0.05) and clear["n"] == 40
+    # The same mean gain drowned in per-question noise: the preset stays.
+    noise = (torch.rand(40, generator=rng) - 0.5).tolist()
+    noisy = holdout_test(
+        _FakeJudge([b - 0.05 + e for b, e in zip(base, noise, strict=True)], base), learned, preset, 0.25, "kl"
+    )
+    assert noisy["adopted"] == "qapruner" and noisy["z"] < 2
+    # Worse on held-out questions: the preset stays.
+    assert holdout_test(_FakeJudge(base, base), learned, preset, 0.25, "kl")["adopted"] == "qapruner"
 
 
 def test_fusion_lookup_errors(artifact, tiny_llava_dir, tmp_path):
