@@ -34,6 +34,11 @@ INVESTIGATE = {
     "W4A4 QuaRot + GPTQ, clip search": ["--method", "quarot", "--gptq", "--clip-search"],
     "W4A4 QuaRot + GPTQ, w g32": ["--method", "quarot", "--gptq", "--wgroup", "32"],
     "W4A4 QuaRot + GPTQ, o_proj Hadamard": ["--method", "quarot", "--gptq", "--o-proj-hadamard"],
+    "W4A4 QuaRot + GPTQ, asym acts g32": ["--method", "quarot", "--gptq", "--aasym", "--agroup", "32"],
+    "W4A4 QuaRot + GPTQ, asym acts g16": ["--method", "quarot", "--gptq", "--aasym", "--agroup", "16"],
+    "W4A4 QuaRot + GPTQ, asym acts g16, 4-bit vocab": [
+        *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4")
+    ],
 }
 
 
@@ -95,7 +100,8 @@ def main() -> None:
     types = sorted(k for k in rows[0][1]["by_type"] if k != "all")
     lines = [
         f"easy-VQA test ({rows[0][1]['n']} questions, seed 0), log-likelihood scoring; perplexity on "
-        f"{rows[0][2]['corpus']}, {rows[0][2]['tokens']} tokens; weight groups {a.wgroup}, per-token activations.",
+        f"{rows[0][2]['corpus']}, {rows[0][2]['tokens']} tokens; weight groups {a.wgroup}; "
+        "activations per token unless the config names a group (g32, g16).",
         "",
         "| config | accuracy | " + " | ".join(types) + " | perplexity | calibration s | peak RSS MiB |",
         "|---|---:|" + "---:|" * len(types) + "---:|---:|---:|",

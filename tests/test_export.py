@@ -21,12 +21,14 @@ from onnx.reference.op_run import OpRun
 from PIL import Image
 
 from qavtp.calibrate.artifact import load_artifact
+from qavtp.calibrate.quantizers import QuantSpec, fake_quant_activation
 from qavtp.calibrate.run import run_calibration
 from qavtp.cli import main
 from qavtp.errors import QavtpError
 from qavtp.evaluate import encode
 from qavtp.export.builder import Graph
 from qavtp.export.exporter import export_model
+from qavtp.export.fakequant import fake_quant
 from qavtp.export.graph import check_supported
 from qavtp.export.session import ExportedModel, PromptEncoder, check_external_data, preprocess_image, read_meta
 from qavtp.export.weights import to_model
@@ -271,6 +273,24 @@ def test_reference_evaluator_matches_onnxruntime(which, exports, rows, tiny_llav
     assert np.array_equal(ref["kept_indices"], got["kept_indices"])
     assert _rel(ref["logits"], got["logits"]) < 1e-5
     assert _rel(ref["present.1.value"], got["present.1.value"]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(4, True, 0), QuantSpec(4, False, 16), QuantSpec(4, True, 16, 0.9), QuantSpec(8, False, 0, 0.95)],
+    ids=str,
+)
+def test_activation_fake_quant_graph_is_bit_exact(spec):
+    """The in-graph quantize-dequantize equals ``fake_quant_activation`` bit for bit, in every scheme."""
+    g = Graph("fq")
+    x = g.input("x", onnx.TensorProto.FLOAT, [2, 5, 64])
+    g.output(fake_quant(g, x, spec, 64), "y", onnx.TensorProto.FLOAT, [2, 5, 64])
+    sess = ort.InferenceSession(to_model(g).SerializeToString(), providers=["CPUExecutionProvider"])
+    xv = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)) * 3
+    xv[0, 0] = 0  # an all-zero token: scale 1, output exactly 0
+    got = sess.run(None, {"x": xv.numpy()})[0]
+    assert np.array_equal(got, fake_quant_activation(xv, spec).numpy())
+    assert np.array_equal(ReferenceEvaluator(to_model(g)).run(None, {"x": xv.numpy()})[0], got)
 
 
 def test_topk_ties_go_to_the_lower_index():
