@@ -25,17 +25,21 @@ def fake_quant(g: Graph, x: str, spec: QuantSpec, dim: int, rank: int = 3) -> st
     gs = check_group_size(dim, spec.group_size)
     grouped = gs != dim
     xg = g.op("Reshape", x, g.const([0] * (rank - 1) + [dim // gs, gs], np.int64)) if grouped else x
-    clip, qmin, qmax = _f(g, spec.clip_ratio), _f(g, spec.qmin), _f(g, spec.qmax)
+    qmin, qmax = _f(g, spec.qmin), _f(g, spec.qmax)
     zero_f, one = _f(g, 0.0), _f(g, 1.0)
+
+    def clip(t: str) -> str:  # multiplying by exactly 1.0 changes no bit, so that node is left out
+        return t if spec.clip_ratio == 1.0 else g.op("Mul", t, _f(g, spec.clip_ratio))
+
     if spec.symmetric:
         amax = g.op("ReduceMax", g.op("Abs", xg), _axes(g), keepdims=1)
-        scale = g.op("Div", g.op("Mul", amax, clip), qmax)
+        scale = g.op("Div", clip(amax), qmax)
         scale = g.op("Where", g.op("Equal", scale, zero_f), one, scale)
         q = g.op("Clip", g.op("Round", g.op("Div", xg, scale)), qmin, qmax)
         y = g.op("Mul", q, scale)
     else:
-        lo = g.op("Mul", g.op("Min", g.op("ReduceMin", xg, _axes(g), keepdims=1), zero_f), clip)
-        hi = g.op("Mul", g.op("Max", g.op("ReduceMax", xg, _axes(g), keepdims=1), zero_f), clip)
+        lo = clip(g.op("Min", g.op("ReduceMin", xg, _axes(g), keepdims=1), zero_f))
+        hi = clip(g.op("Max", g.op("ReduceMax", xg, _axes(g), keepdims=1), zero_f))
         scale = g.op("Div", g.op("Sub", hi, lo), qmax)
         scale = g.op("Where", g.op("Equal", scale, zero_f), one, scale)
         zp = g.op("Clip", g.op("Round", g.op("Div", g.op("Neg", lo), scale)), zero_f, qmax)
