@@ -56,7 +56,8 @@ def calibrate_model(
 
     Each layer is observed on the outputs of the already-quantized layers before it, so GPTQ and
     the statistics see the inputs the deployed model will see.  The LM head, the vision tower and
-    the projector stay in floating point, as in QuaRot.  Returns the JSON-able record of what was
+    the projector stay in floating point, as in QuaRot (``calibrate.vocab`` quantizes the embedding and
+    the head afterwards, on request).  Returns the JSON-able record of what was
     done (transforms, per-linear input statistics) for the artifact.
     """
     if method not in METHODS:
