@@ -84,6 +84,15 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     "float), or 16: floating point as QuaRot keeps them.",
 )
 @click.option(
+    "--kv-bits",
+    type=click.Choice(["4", "8", "16"]),
+    default="16",
+    show_default=True,
+    help="KV cache: keys (after RoPE and a per-head Hadamard) and values quantized per token and head, "
+    "asymmetric; 16: not quantized.",
+)
+@click.option("--kv-clip", type=float, default=0.95, show_default=True, help="KV clipping ratio in (0, 1].")
+@click.option(
     "--retain",
     default="0.5,0.25,0.125",
     show_default=True,
@@ -114,6 +123,7 @@ def calibrate(model, output, wasym, aasym, data_spec, **options):
     from qavtp.calibrate.run import run_calibration
 
     options["vocab_bits"] = int(options["vocab_bits"])
+    options["kv_bits"] = int(options["kv_bits"])
     out = run_calibration(model, output, data_spec=data_spec, wsym=not wasym, asym=not aasym, **options)
     click.echo(f"wrote {out}")
 

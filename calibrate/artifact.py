@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qavtp.calibrate.kvcache import install_kv_quant
 from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, QuantWeight, pack_int4, unpack_int4
 from qavtp.calibrate.rotation import install_online_transforms
 from qavtp.calibrate.vocab import install_quant_vocab
@@ -109,6 +110,9 @@ def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike 
     vocab = cfg["options"].get("vocab")
     if vocab:
         install_quant_vocab(adapter, QuantSpec.from_dict(vocab))
+    kv = cfg["options"].get("kv_cache")
+    if kv:
+        install_kv_quant(adapter, QuantSpec.from_dict(kv))
     wspec = QuantSpec.from_dict(cfg["options"]["weights"])
     aspec = activation_spec(cfg)
     layers = adapter.decoder_layers

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from qavtp.calibrate.artifact import fingerprint, save_artifact
+from qavtp.calibrate.kvcache import install_kv_quant
 from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches
 from qavtp.calibrate.quantizers import QuantSpec, check_group_size
 from qavtp.calibrate.vocab import quantize_vocab
@@ -68,6 +69,8 @@ def run_calibration(
     smooth_alpha: float = 0.5,
     online_o_proj: bool = False,
     vocab_bits: int = 16,
+    kv_bits: int = 16,
+    kv_clip: float = 0.95,
     seed: int = 0,
     retain: str | list[float] | None = None,
     fusion_samples: int = 64,
@@ -105,6 +108,8 @@ def run_calibration(
     quant_specs(wbits, abits, 0 if wgroup == "auto" else wgroup, agroup, wsym, asym, aclip)  # fail fast
     if vocab_bits not in (4, 8, 16):
         raise QavtpError(f"--vocab-bits must be 4, 8 or 16 (floating point), got {vocab_bits}")
+    # Keys and values: asymmetric, one scale per token and head (QuaRot's KV recipe).
+    kv_spec = None if kv_bits == 16 else QuantSpec(kv_bits, False, 0, kv_clip)
     ratios = [r for r in parse_ratios(retain) if r < 1.0]
     check_objective(fusion_objective)
     if ratios:
@@ -124,6 +129,8 @@ def run_calibration(
     target = dense_logprobs(net, processor, fds) if ratios else None
     hds = holdout_subset(ds, fusion_samples) if ratios and fusion_holdout else None
     held = (hds, dense_logprobs(net, processor, hds)) if hds is not None else None
+    if kv_spec is not None:
+        install_kv_quant(adapter, kv_spec)  # before the layers are calibrated: GPTQ sees the deployed attention
     record = calibrate_model(
         adapter,
         batches,
@@ -162,6 +169,7 @@ def run_calibration(
             "smooth_alpha": smooth_alpha if method == "smoothquant" else None,
             "online_o_proj": online_o_proj if method == "quarot" else None,
             "vocab": vspec.to_dict() if vspec else None,
+            "kv_cache": kv_spec.to_dict() if kv_spec else None,
             "seed": seed,
         },
         # ru_maxrss is the process's peak resident memory (KiB on Linux): model + one layer's activations.

@@ -109,6 +109,7 @@ def _quantization(cfg: dict | None, fmt: str, accuracy_level: int) -> dict:
         "weights": opts["weights"],
         "activations": opts["activations"],
         "vocab": opts.get("vocab"),  # token embedding + LM head weights; None: float32
+        "kv_cache": opts.get("kv_cache"),  # None: float keys and values
         "rotation": cfg["calibration"]["transforms"].get("rotation"),
         "smooth": cfg["calibration"]["transforms"].get("smooth"),
     }

@@ -14,9 +14,11 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from qavtp.calibrate.kvcache import kv_spec_of
 from qavtp.calibrate.quantizers import QuantEmbedding
 from qavtp.errors import QavtpError
 from qavtp.export.builder import Graph
+from qavtp.export.fakequant import fake_quant
 from qavtp.export.int4 import fp_linear, linear, np32, quant_gather
 
 DECODER_TYPES = ("llama", "mistral", "qwen2")
@@ -192,6 +194,17 @@ class Decoder:
         out = g.op("MatMul", g.op("Softmax", logits, axis=-1), v5)
         return g.op("Reshape", out, g.const([0, self.heads, -1, self.head_dim], I64))
 
+    def kv_quant(self, attn: nn.Module, q: str, k: str, v: str) -> tuple[str, str, str]:
+        """What the attention reads (``calibrate.kvcache``): with a KV quantizer, ``q H``, ``Q(k H)``, ``Q(v)``.
+        The presents keep the float keys and values, like the torch cache."""
+        spec = kv_spec_of(attn)
+        if spec is None:
+            return q, k, v
+        g = self.g
+        h = g.weight(f"kv_hadamard.{self.head_dim}", np32(attn.kv_hadamard))
+        k = fake_quant(g, g.op("MatMul", k, h), spec, self.head_dim, rank=4)
+        return g.op("MatMul", q, h), k, fake_quant(g, v, spec, self.head_dim, rank=4)
+
     def layer(self, i: int, h: str, rope: Rope, allowed: str, past: tuple[str, str] | None) -> tuple[str, str, str]:
         """One decoder layer; returns the new hidden states and the layer's present key/value."""
         g = self.g
@@ -205,7 +218,7 @@ class Decoder:
         if past is not None:
             k = g.op("Concat", past[0], k, axis=2)
             v = g.op("Concat", past[1], v, axis=2)
-        o = _merge_heads(g, self.attend(q, k, v, allowed), self.heads * self.head_dim)
+        o = _merge_heads(g, self.attend(*self.kv_quant(attn, q, k, v), allowed), self.heads * self.head_dim)
         h = g.op("Add", h, self.linear(o, attn.o_proj))
         x = rmsnorm(g, h, layer.post_attention_layernorm.weight, self.eps, self.name(layer.post_attention_layernorm))
         gate = self.linear(x, mlp.gate_proj)

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from qavtp.calibrate.artifact import fingerprint, load_artifact, read_config
+from qavtp.calibrate.kvcache import KV_ATTENTION
 from qavtp.calibrate.pipeline import calibrate_model, calibration_batches
 from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec
 from qavtp.calibrate.rotation import rotate_model
@@ -131,6 +132,33 @@ def test_quantized_vocabulary_round_trip(tiny_llava_dir, probe, tmp_path, bits, 
     torch.testing.assert_close(emb(ids)[0], emb.weight, rtol=0, atol=0)
     again, _, _, _ = load_artifact(out)
     torch.testing.assert_close(_logits(loaded, probe), _logits(again, probe), rtol=0, atol=0)
+
+
+def test_kv_cache_quantization_round_trip(tiny_llava_dir, probe, tmp_path):
+    """--kv-bits 4: attention reads 4-bit keys (after RoPE and a per-head Hadamard) and values. Float activations
+    elsewhere (W4A16): a W4A4 model moves as much under any small perturbation, which would hide the effect."""
+    options = {"abits": 16, "kv_bits": 4}
+    out = run_calibration(tiny_llava_dir, tmp_path / "art", n_samples=8, batch_size=4, progress=False, **options)
+    assert read_config(out)["options"]["kv_cache"] == {
+        "bits": 4,
+        "symmetric": False,
+        "group_size": 0,
+        "clip_ratio": 0.95,
+    }
+    model, _, adapter, _ = load_artifact(out)
+    assert model.config.get_text_config()._attn_implementation == KV_ATTENTION
+    quantized = _logits(model, probe)
+    again, _, _, _ = load_artifact(out)
+    torch.testing.assert_close(_logits(again, probe), quantized, rtol=0, atol=0)
+    # The same weights reading float keys and values compute another function; unclipped 8-bit ones stay close.
+    attns = [layer.self_attn for layer in adapter.decoder_layers]
+    for a in attns:
+        a.kv_spec = None
+    float_kv = _logits(model, probe)
+    for a in attns:
+        a.kv_spec = QuantSpec(8, False, 0, 1.0)
+    eight = _logits(model, probe)
+    assert _rel(quantized, float_kv) > 1e-3 and _rel(eight, float_kv) < _rel(quantized, float_kv) / 4
 
 
 def _one_line_error(result, needle):

@@ -62,11 +62,10 @@ def artifact(tiny_llava_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vocab_artifact(tiny_llava_dir, tmp_path_factory):
-    """4-bit token embedding and LM head as well (``--vocab-bits 4``)."""
+    """4-bit token embedding and LM head (``--vocab-bits 4``) and a 4-bit KV cache (``--kv-bits 4``) as well."""
     out = tmp_path_factory.mktemp("artv") / "w4a4v"
-    return run_calibration(
-        tiny_llava_dir, out, method="quarot", n_samples=8, batch_size=4, vocab_bits=4, progress=False
-    )
+    options = {"vocab_bits": 4, "kv_bits": 4}
+    return run_calibration(tiny_llava_dir, out, method="quarot", n_samples=8, batch_size=4, progress=False, **options)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +192,8 @@ def test_graphs_are_valid_onnx_and_share_one_weights_file(exports, tmp_path):
         return m, sum(4 * int(np.prod(t.dims)) for t in inits if vocab in t.dims)
 
     m, left = vocab_floats(exports["vocab-ort"])
+    assert read_meta(exports["vocab-ort"])["quantization"]["kv_cache"]["bits"] == 4
+    assert any(t.name.startswith("kv_hadamard.") for t in m.graph.initializer)
     heads = [n for n in m.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("llm/head")]
     assert len(heads) == 1
     assert {"Gather", "BitwiseAnd", "BitShift"} <= {n.op_type for n in m.graph.node}
