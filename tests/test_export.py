@@ -278,7 +278,14 @@ def test_reference_evaluator_matches_onnxruntime(which, exports, rows, tiny_llav
 
 @pytest.mark.parametrize(
     "spec",
-    [QuantSpec(4, True, 0), QuantSpec(4, False, 16), QuantSpec(4, True, 16, 0.9), QuantSpec(8, False, 0, 0.95)],
+    [
+        QuantSpec(4, True, 0),
+        QuantSpec(4, False, 16),
+        QuantSpec(4, True, 16, 0.9),
+        QuantSpec(8, False, 0, 0.95),
+        QuantSpec(8, True, 32),
+        QuantSpec(3, False, 16),
+    ],
     ids=str,
 )
 def test_activation_fake_quant_graph_is_bit_exact(spec):
