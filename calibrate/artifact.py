@@ -23,7 +23,10 @@ from qavtp.calibrate.vocab import install_quant_vocab
 from qavtp.errors import QavtpError
 from qavtp.io import atomic_dir
 
-SCHEMA_VERSION = 1
+# 2 added options.vocab (quantized embedding and LM head) and options.kv_cache: a reader of version 1 would
+# silently run those artifacts with float vocabulary matrices and KV cache, so it must refuse them.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # a version-1 artifact means the same under this reader
 CONFIG = "config.json"
 WEIGHTS = "quantized.safetensors"
 _STORED_PREFIXES = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
@@ -79,8 +82,11 @@ def read_config(artifact_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise QavtpError(f"{d / CONFIG} is not valid JSON: {e}") from None
     version = cfg.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise QavtpError(f"artifact {d} has schema version {version}; this qavtp reads version {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise QavtpError(
+            f"artifact {d} has schema version {version}; this qavtp reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
     return cfg
 
 

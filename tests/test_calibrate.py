@@ -93,7 +93,7 @@ def test_artifact_round_trip_is_exact(tiny_llava_dir, calib, probe, tmp_path):
         progress=False,
     )
     cfg = read_config(out)
-    assert cfg["schema_version"] == 1 and cfg["source"]["fingerprint"] == fingerprint(tiny_llava_dir)
+    assert cfg["schema_version"] == 2 and cfg["source"]["fingerprint"] == fingerprint(tiny_llava_dir)
     assert cfg["options"]["weights"]["bits"] == 4 and cfg["options"]["gptq"] is True
     assert len(cfg["calibration"]["quantized"]) == 14
     loaded, _, _, _ = load_artifact(out)
@@ -188,7 +188,7 @@ def test_artifact_from_another_model_or_schema_is_refused(tiny_llava_dir, tmp_pa
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(QavtpError, match="schema version 99"):
         load_artifact(out)
-    cfg["schema_version"] = 1
+    cfg["schema_version"] = 1  # still readable: version 2 only added options
     cfg["source"]["fingerprint"] = "0" * 16
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(QavtpError, match="calibrated from another model"):
