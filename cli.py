@@ -240,21 +240,20 @@ def eval_cmd(
     ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
     if len(ratios) > 1 or len(scorers) > 1 or with_fp:
         _sweep(
-            model,
-            artifact,
-            cfg,
-            ds,
-            ratios or [1.0],
-            scorers,
-            layer_k,
-            with_fp,
-            fp_scorers,
-            dtype,
-            batch_size,
-            seed,
-            output,
-            cache_dir,
-            dict(data=data_spec, split=split, limit=limit, seed=seed, dtype=dtype),
+            model=model,
+            artifact=artifact,
+            cfg=cfg,
+            ds=ds,
+            ratios=ratios or [1.0],
+            scorers=scorers,
+            layer_k=layer_k,
+            fp_scorers=parse_scorers(fp_scorers) if with_fp else None,
+            dtype=dtype,
+            batch_size=batch_size,
+            seed=seed,
+            output=output,
+            cache_dir=cache_dir,
+            data_config=dict(data=data_spec, split=split, limit=limit, seed=seed, dtype=dtype),
         )
         return
     net, processor, adapter = _load(model, artifact, dtype, cache_dir)
@@ -294,34 +293,34 @@ def eval_cmd(
 
 
 def _sweep(
-    model,
-    artifact,
-    cfg,
+    *,
+    model: str | None,
+    artifact: str | None,
+    cfg: dict | None,
     ds,
-    ratios,
-    scorers,
-    layer_k,
-    with_fp,
-    fp_scorers,
-    dtype,
-    batch_size,
-    seed,
-    output,
-    cache_dir,
-    data_config,
-):
-    """Every (ratio, scorer) on the model (and the FP source): tables on stdout, JSON + Markdown + plots in -o."""
+    ratios: list[float],
+    scorers: list[str],
+    layer_k: int,
+    fp_scorers: list[str] | None,
+    dtype: str,
+    batch_size: int,
+    seed: int,
+    output: str | None,
+    cache_dir: str | None,
+    data_config: dict,
+) -> None:
+    """Every (ratio, scorer) on the model (and, with ``fp_scorers``, the FP source): tables on stdout, JSON +
+    Markdown + plots in ``output``."""
     import gc
 
     from qavtp.io import atomic_dir, atomic_write_json
-    from qavtp.sweep import fusion_table, paper_table, parse_scorers, plot_accuracy, plot_kept_tokens, run_sweep
+    from qavtp.sweep import fusion_table, paper_table, plot_accuracy, plot_kept_tokens, run_sweep
 
     runs: list[dict] = []
     label = _label(cfg)
-    if with_fp:
+    if fp_scorers is not None:
         net, processor, adapter = _load(cfg["source"]["model"] if model is None else model, None, dtype, cache_dir)
-        fp = parse_scorers(fp_scorers)
-        runs += run_sweep(net, adapter, processor, ds, ratios, fp, "FP", None, batch_size, seed, layer=layer_k)
+        runs += run_sweep(net, adapter, processor, ds, ratios, fp_scorers, "FP", None, batch_size, seed, layer=layer_k)
         del net, adapter
         gc.collect()
     net, processor, adapter = _load(model, artifact, dtype, cache_dir)
