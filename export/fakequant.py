@@ -25,20 +25,22 @@ _CODE_TYPES = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4, (8, T
 _CODE_TYPES[(8, False)] = TensorProto.UINT8
 
 
-def fake_quant(g: Graph, x: str, spec: QuantSpec, dim: int, rank: int = 3) -> str:
+def fake_quant(g: Graph, x: str, spec: QuantSpec, dim: int, rank: int = 3, qdq_ops: bool = True) -> str:
     """Quantize-dequantize ``x [..., dim]`` (rank ``rank``) in groups of ``spec.group_size`` along the last axis.
 
     Scales (and zero points) come from the spec's own op sequence. Per token, the codes are made with plain
     elementwise ops; 4- and 8-bit groups use opset 21's blocked ``QuantizeLinear`` / ``DequantizeLinear``
     (the same formulas, as the spec says), which onnxruntime runs about twice as fast as elementwise ops that
-    broadcast over groups of 16.
+    broadcast over groups of 16. ``qdq_ops=False`` keeps the elementwise ops: an activation ``DequantizeLinear``
+    feeding a ``MatMul`` whose weight is a ``DequantizeLinear`` too stops onnxruntime from fusing the weight
+    into ``MatMulNBits``, and it then dequantizes every weight at every call (measured: decode 50 -> 5 tokens/s).
     """
     gs = check_group_size(dim, spec.group_size)
     grouped = gs != dim
-    blocked = grouped and spec.bits in (4, 8)
+    blocked = qdq_ops and grouped and spec.bits in (4, 8)
     shape = [0] * (rank - 1)
     xg = g.op("Reshape", x, g.const([*shape, dim // gs, gs], np.int64)) if grouped else x
-    qmin, qmax = _f(g, spec.qmin), _f(g, spec.qmax)
+    qmax = _f(g, spec.qmax)
     zero_f, one = _f(g, 0.0), _f(g, 1.0)
     keep = 0 if blocked else 1  # blocked Q/DQ take scales [..., dim / gs]
 
@@ -63,7 +65,7 @@ def fake_quant(g: Graph, x: str, spec: QuantSpec, dim: int, rank: int = 3) -> st
         q = g.op("QuantizeLinear", x, scale, zq, axis=rank - 1, block_size=gs)
         return g.op("DequantizeLinear", q, scale, zq, axis=rank - 1, block_size=gs)
     if zp is None:
-        y = g.op("Mul", g.op("Clip", g.op("Round", g.op("Div", xg, scale)), qmin, qmax), scale)
+        y = g.op("Mul", g.op("Clip", g.op("Round", g.op("Div", xg, scale)), _f(g, spec.qmin), qmax), scale)
     else:
         q = g.op("Clip", g.op("Add", g.op("Round", g.op("Div", xg, scale)), zp), zero_f, qmax)
         y = g.op("Mul", g.op("Sub", q, zp), scale)

@@ -90,7 +90,7 @@ def quant_linear(g: Graph, x: str, m: QuantLinear, name: str, fmt: str, accuracy
     if m.wspec.bits not in (4, 8):
         raise QavtpError(f"{name}: {m.wspec.bits}-bit weights cannot be exported (ONNX has 4- and 8-bit types)")
     if m.aspec is not None:
-        x = fake_quant(g, x, m.aspec, m.in_features)
+        x = fake_quant(g, x, m.aspec, m.in_features, qdq_ops=fmt == "ort")
     block = check_group_size(m.in_features, m.wspec.group_size)
     if fmt == "ort" and m.wspec.bits == 4:
         if nbits_block_ok(block):

@@ -62,9 +62,10 @@ def artifact(tiny_llava_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vocab_artifact(tiny_llava_dir, tmp_path_factory):
-    """4-bit token embedding and LM head (``--vocab-bits 4``) and a 4-bit KV cache (``--kv-bits 4``) as well."""
+    """4-bit token embedding and LM head (``--vocab-bits 4``), a 4-bit KV cache (``--kv-bits 4``) and activations in
+    groups of 16 (blocked Q/DQ ops in the ort graph, elementwise ops in the qdq one)."""
     out = tmp_path_factory.mktemp("artv") / "w4a4v"
-    options = {"vocab_bits": 4, "kv_bits": 4}
+    options = {"vocab_bits": 4, "kv_bits": 4, "agroup": 16}
     return run_calibration(tiny_llava_dir, out, method="quarot", n_samples=8, batch_size=4, progress=False, **options)
 
 
@@ -196,7 +197,10 @@ def test_graphs_are_valid_onnx_and_share_one_weights_file(exports, tmp_path):
     assert any(t.name.startswith("kv_hadamard.") for t in m.graph.initializer)
     heads = [n for n in m.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("llm/head")]
     assert len(heads) == 1
-    assert {"Gather", "BitwiseAnd", "BitShift"} <= {n.op_type for n in m.graph.node}
+    assert {"Gather", "BitwiseAnd", "BitShift", "QuantizeLinear"} <= {n.op_type for n in m.graph.node}
+    # In the qdq graph no activation DequantizeLinear feeds a MatMul: onnxruntime could not fuse the weights.
+    qdq = onnx.load(str(exports["vocab"] / "decode.onnx"), load_external_data=False).graph
+    assert "QuantizeLinear" not in {n.op_type for n in qdq.node}
     _, before = vocab_floats(exports["ort"])
     plain, small = ((exports[k] / "weights.bin").stat().st_size for k in ("ort", "vocab-ort"))
     assert left < before / 8  # the group scales
@@ -288,11 +292,13 @@ def test_reference_evaluator_matches_onnxruntime(which, exports, rows, tiny_llav
     ],
     ids=str,
 )
-def test_activation_fake_quant_graph_is_bit_exact(spec):
-    """The in-graph quantize-dequantize equals ``fake_quant_activation`` bit for bit, in every scheme."""
+@pytest.mark.parametrize("qdq_ops", [True, False])
+def test_activation_fake_quant_graph_is_bit_exact(spec, qdq_ops):
+    """The in-graph quantize-dequantize equals ``fake_quant_activation`` bit for bit, in every scheme, with blocked
+    Q/DQ ops or elementwise ones."""
     g = Graph("fq")
     x = g.input("x", onnx.TensorProto.FLOAT, [2, 5, 64])
-    g.output(fake_quant(g, x, spec, 64), "y", onnx.TensorProto.FLOAT, [2, 5, 64])
+    g.output(fake_quant(g, x, spec, 64, qdq_ops=qdq_ops), "y", onnx.TensorProto.FLOAT, [2, 5, 64])
     sess = ort.InferenceSession(to_model(g).SerializeToString(), providers=["CPUExecutionProvider"])
     xv = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)) * 3
     xv[0, 0] = 0  # an all-zero token: scale 1, output exactly 0
