@@ -62,7 +62,14 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     show_default=True,
     help="Weight group size, 0 for per channel; auto: 128, or the largest of 64/32/16 that divides every width.",
 )
-@click.option("--agroup", type=int, default=0, show_default=True, help="Activation group size (0: per token).")
+@click.option(
+    "--agroup",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Activation group size (0: per token, QuaRot's choice). On the reference model --aasym --agroup 16 lifts "
+    "W4A4 from 51 to 65 % (README).",
+)
 @click.option("--wasym", is_flag=True, help="Asymmetric weights (default symmetric).")
 @click.option("--aasym", is_flag=True, help="Asymmetric activations (default symmetric).")
 @click.option("--aclip", type=float, default=1.0, show_default=True, help="Activation clipping ratio in (0, 1].")
