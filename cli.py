@@ -36,6 +36,25 @@ cache_option = click.option(
     default=None,
     help="Where the reference model is assembled (default $QAVTP_CACHE or ~/.cache/qavtp).",
 )
+fusion_holdout_option = click.option(
+    "--fusion-holdout/--no-fusion-holdout",
+    default=True,
+    show_default=True,
+    help="Adopt the searched fusion weights only if they beat the paper's preset (qapruner) on the next "
+    "--fusion-samples calibration questions, which the search never sees; else store the preset.",
+)
+
+
+def bits_option(flag: str, text: str):
+    """A 4 / 8 / 16 (off) bit-width choice, passed on as an int."""
+    return click.option(
+        flag,
+        type=click.Choice(["4", "8", "16"]),
+        default="16",
+        show_default=True,
+        callback=lambda _ctx, _param, value: int(value),
+        help=text,
+    )
 
 
 @main.command()
@@ -82,20 +101,14 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     is_flag=True,
     help="quarot: also an online Hadamard before o_proj (mixes the heads).",
 )
-@click.option(
+@bits_option(
     "--vocab-bits",
-    type=click.Choice(["4", "8", "16"]),
-    default="16",
-    show_default=True,
-    help="Token embedding and LM head: 4- or 8-bit weights (RTN, the weight group size; the head's input stays "
+    "Token embedding and LM head: 4- or 8-bit weights (RTN, the weight group size; the head's input stays "
     "float), or 16: floating point as QuaRot keeps them.",
 )
-@click.option(
+@bits_option(
     "--kv-bits",
-    type=click.Choice(["4", "8", "16"]),
-    default="16",
-    show_default=True,
-    help="KV cache: keys (after RoPE and a per-head Hadamard) and values quantized per token and head, "
+    "KV cache: keys (after RoPE and a per-head Hadamard) and values quantized per token and head, "
     "asymmetric; 16: not quantized.",
 )
 @click.option("--kv-clip", type=float, default=0.95, show_default=True, help="KV clipping ratio in (0, 1].")
@@ -114,13 +127,7 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     help="kl: match the FP dense model's next-token distribution; choice-kl: over the candidate answers only; "
     "accuracy: calibration accuracy.",
 )
-@click.option(
-    "--fusion-holdout/--no-fusion-holdout",
-    default=True,
-    show_default=True,
-    help="Adopt the searched fusion weights only if they beat the paper's preset (qapruner) on the next "
-    "--fusion-samples calibration questions, which the search never sees; else store the preset.",
-)
+@fusion_holdout_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
@@ -129,8 +136,6 @@ def calibrate(model, output, wasym, aasym, data_spec, **options):
     """Calibrate MODEL to W{wbits}A{abits} and write a quantization artifact."""
     from qavtp.calibrate.run import run_calibration
 
-    options["vocab_bits"] = int(options["vocab_bits"])
-    options["kv_bits"] = int(options["kv_bits"])
     out = run_calibration(model, output, data_spec=data_spec, wsym=not wasym, asym=not aasym, **options)
     click.echo(f"wrote {out}")
 
@@ -140,7 +145,7 @@ def calibrate(model, output, wasym, aasym, data_spec, **options):
 @click.option("--retain", default="0.5,0.25,0.125", show_default=True, help="Retention ratios to learn weights for.")
 @click.option("--fusion-samples", type=int, default=64, show_default=True, help="Calibration questions for fusion.")
 @click.option("--fusion-objective", type=click.Choice(["kl", "choice-kl", "accuracy"]), default="kl", show_default=True)
-@click.option("--fusion-holdout/--no-fusion-holdout", default=True, show_default=True)
+@fusion_holdout_option
 @cache_option
 def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cache_dir):
     """Learn the pruning fusion weights of an existing ARTIFACT again (its weights stay as they are)."""

@@ -224,10 +224,7 @@ class _Judge:
 
     def judge(self, configs: list[FusionParams], rho: float) -> list[tuple[float, ...]]:
         """Mean KL, first-token accuracy and candidate KL of each candidate at retention ``rho``."""
-        return [
-            tuple(sum(m[i] for m in ms) / len(ms) for i in range(len(METRICS)))
-            for ms in self.per_question(configs, rho)
-        ]
+        return [_mean(ms) for ms in self.per_question(configs, rho)]
 
     def per_question(self, configs: list[FusionParams], rho: float) -> list[list[tuple[float, ...]]]:
         """The metrics of every calibration question under each candidate (in question order)."""
@@ -256,7 +253,12 @@ class _Judge:
             n = b.visual.sum(1)[0]
             keep = torch.arange(int(n)).expand(len(b.rows), -1)
             ms += self._metrics(b, list(range(len(b.rows))), keep)
-        return tuple(sum(m[i] for m in ms) / len(ms) for i in range(len(METRICS)))
+        return _mean(ms)
+
+
+def _mean(ms: list[tuple[float, ...]]) -> tuple[float, ...]:
+    """The mean of each metric over questions."""
+    return tuple(sum(m[i] for m in ms) / len(ms) for i in range(len(METRICS)))
 
 
 def _loss(objective: str, m: tuple[float, ...]) -> float:
@@ -277,11 +279,10 @@ def holdout_test(judge: _Judge, learned: FusionParams, preset: FusionParams, rho
     se = float(gain.std() / n**0.5) if n > 1 else float("inf")
     mean = float(gain.mean())
     z = mean / se if se > 0 else (float("inf") if mean > 0 else 0.0)
-    avg = lambda ms: {k: sum(m[i] for m in ms) / len(ms) for i, k in enumerate(METRICS)}  # noqa: E731
     return {
         "n": n,
-        "learned": avg(a),
-        "qapruner": avg(b),
+        "learned": dict(zip(METRICS, _mean(a), strict=True)),
+        "qapruner": dict(zip(METRICS, _mean(b), strict=True)),
         "gain": mean,
         "z": z,
         "adopted": "learned" if z >= 2.0 else "qapruner",
