@@ -44,6 +44,14 @@ fusion_holdout_option = click.option(
     "--fusion-samples calibration questions, which the search never sees; else store the preset.",
 )
 
+runtime_option = click.option(
+    "--runtime",
+    type=click.Choice(["onnxruntime", "openvino"]),  # qavtp.export.session.RUNTIMES, not imported here
+    default="onnxruntime",
+    show_default=True,
+    help="Runtime that executes the graphs; openvino (pip install openvino) runs the portable --format qdq export.",
+)
+
 
 def bits_option(flag: str, text: str):
     """A 4 / 8 / 16 (off) bit-width choice, passed on as an int."""
@@ -374,9 +382,10 @@ def _label(cfg: dict | None) -> str:
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--compare", is_flag=True, help="Also evaluate the torch model the export came from; report agreement.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Directory for results.json.")
+@runtime_option
 @cache_option
-def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, output, cache_dir):
-    """Accuracy of an exported model (onnxruntime), optionally next to the torch model it was exported from."""
+def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, output, runtime, cache_dir):
+    """Accuracy of an exported model (onnxruntime or OpenVINO), optionally next to the torch model it came from."""
     from qavtp.data import load_data
     from qavtp.export.accuracy import evaluate_export
     from qavtp.export.session import ExportedModel
@@ -385,7 +394,7 @@ def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, ou
 
     if batch_size < 1:
         raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
-    em = ExportedModel(export_dir)
+    em = ExportedModel(export_dir, runtime=runtime)
     ds = load_data(data_spec, split, limit or None, seed)
     if "question" not in ds.column_names:
         raise QavtpError(f"data set {data_spec!r} has no question column, which the exported prompt format needs")
@@ -394,7 +403,8 @@ def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, ou
     res["seconds"] = round(time.time() - t0, 1)
     pr = em.meta["pruning"]
     how = f"retain {pr['retain']:g} by {pr['scorer']}" if pr["scorer"] else "dense"
-    click.echo(markdown_table(res, f"ONNX {export_dir} on {data_spec} ({split}, n={len(ds)}, {how})"))
+    click.echo(markdown_table(res, f"ONNX {export_dir} ({runtime}) on {data_spec} ({split}, n={len(ds)}, {how})"))
+    res["runtime"] = runtime
     out = {"onnx": res}
     if compare:
         out["torch"], out["agreement"] = _torch_like_export(em.meta, ds, batch_size, cache_dir, res)
@@ -505,24 +515,31 @@ def export_cmd(source, output, retain, scorer, fmt, accuracy_level, overwrite, c
 @click.option("--image", type=click.Path(dir_okay=False), required=True)
 @click.option("--question", required=True)
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
-def run_cmd(export_dir, image, question, max_new_tokens, threads):
-    """Answer QUESTION about IMAGE with an exported model (onnxruntime only; torch is never imported)."""
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@runtime_option
+def run_cmd(export_dir, image, question, max_new_tokens, threads, runtime):
+    """Answer QUESTION about IMAGE with an exported model (onnxruntime or OpenVINO; torch is never imported)."""
     from qavtp.export.session import ExportedModel, load_image
 
     if not Path(export_dir).is_dir():
         raise QavtpError(f"export directory not found: {export_dir}")
     im = load_image(image)
-    model = ExportedModel(export_dir, threads=threads, profile=True)
+    model = ExportedModel(export_dir, threads=threads, profile=runtime == "onnxruntime", runtime=runtime)
     gen = model.generate(im, question, max_new_tokens)
     t = gen.timings_ms
     click.echo(gen.text.strip())
     click.echo(f"visual tokens kept: {gen.kept}/{gen.n_visual}")
     rate = t["decode_steps"] / (t["decode_ms"] / 1000) if t["decode_steps"] else float("nan")
+    stages = ""
+    if "llm_prefill_ms" in t:  # kernel times per stage come from onnxruntime's profiler
+        stages = (
+            f"vision+scoring+prune {t['vision_scoring_prune_ms']:.1f} ms, LLM prefill {t['llm_prefill_ms']:.1f} ms "
+            "(kernel time; "
+        )
     click.echo(
-        f"time: vision+scoring+prune {t['vision_scoring_prune_ms']:.1f} ms, LLM prefill {t['llm_prefill_ms']:.1f} ms "
-        f"(kernel time; prefill wall {t['prefill_wall_ms']:.1f} ms), decode {t['decode_ms']:.1f} ms "
-        f"for {t['new_tokens']} new tokens ({t['decode_steps']} decode steps, {rate:.1f} tokens/s)"
+        f"time ({runtime}): {stages}prefill wall {t['prefill_wall_ms']:.1f} ms{')' if stages else ''}, "
+        f"decode {t['decode_ms']:.1f} ms for {t['new_tokens']} new tokens ({t['decode_steps']} decode steps, "
+        f"{rate:.1f} tokens/s)"
     )
 
 

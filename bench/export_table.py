@@ -24,10 +24,12 @@ def _mib(d: Path) -> float:
     return sum(f.stat().st_size for f in d.iterdir() if f.suffix in (".onnx", ".bin")) / 2**20
 
 
-def _bench(d: Path, image, question: str, runs: int, threads: int | None, steps: int = 16) -> tuple[float, float]:
+def _bench(
+    d: Path, image, question: str, runs: int, threads: int | None, steps: int = 16, runtime: str = "onnxruntime"
+) -> tuple[float, float]:
     from qavtp.export.session import ExportedModel
 
-    m = ExportedModel(d, threads=threads)
+    m = ExportedModel(d, threads=threads, runtime=runtime)
     feeds = m.inputs([image], [question])
     m.run_prefill(feeds)  # warm-up
     times = []

@@ -25,15 +25,16 @@ _CODE_TYPES = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4, (8, T
 _CODE_TYPES[(8, False)] = TensorProto.UINT8
 
 
-def fake_quant(g: Graph, x: str, spec: QuantSpec, dim: int, rank: int = 3, qdq_ops: bool = True) -> str:
+def fake_quant(g: Graph, x: str, spec: QuantSpec, dim: int, rank: int = 3, qdq_ops: bool = False) -> str:
     """Quantize-dequantize ``x [..., dim]`` (rank ``rank``) in groups of ``spec.group_size`` along the last axis.
 
-    Scales (and zero points) come from the spec's own op sequence. Per token, the codes are made with plain
-    elementwise ops; 4- and 8-bit groups use opset 21's blocked ``QuantizeLinear`` / ``DequantizeLinear``
-    (the same formulas, as the spec says), which onnxruntime runs about twice as fast as elementwise ops that
-    broadcast over groups of 16. ``qdq_ops=False`` keeps the elementwise ops: an activation ``DequantizeLinear``
-    feeding a ``MatMul`` whose weight is a ``DequantizeLinear`` too stops onnxruntime from fusing the weight
-    into ``MatMulNBits``, and it then dequantizes every weight at every call (measured: decode 50 -> 5 tokens/s).
+    Scales (and zero points) come from the spec's own op sequence, and the codes from plain elementwise ops.
+    With ``qdq_ops`` (the ``ort`` graph), 4- and 8-bit groups use opset 21's blocked ``QuantizeLinear`` /
+    ``DequantizeLinear`` instead (the same formulas, as the spec says), which onnxruntime runs about twice as fast
+    as elementwise ops that broadcast over groups of 16. The portable graph keeps the elementwise ops: OpenVINO
+    2026.4 refuses a blocked ``QuantizeLinear`` on an input with dynamic dimensions, and in onnxruntime an
+    activation ``DequantizeLinear`` feeding a ``MatMul`` whose weight is a ``DequantizeLinear`` too stops the
+    weight fusion into ``MatMulNBits`` (measured: decode 50 -> 5 tokens/s).
     """
     gs = check_group_size(dim, spec.group_size)
     grouped = gs != dim

@@ -106,7 +106,7 @@ def quant_linear(g: Graph, x: str, m: QuantLinear, name: str, fmt: str, accuracy
 def quant_gather(g: Graph, ids: str, m: QuantEmbedding, name: str) -> str:
     """``embedding(ids)`` of a quantized embedding in standard ops: gather the looked-up rows' codes, scales (and
     zero points) and dequantize only those rows. 4-bit codes stay packed two per byte in the file (low nibble
-    first, as :func:`pack_int4`) and are unpacked with bit ops; ``(code - zero) * scale`` in float32 as torch."""
+    first, as :func:`pack_int4`) and are unpacked with integer ops; ``(code - zero) * scale`` in float32 as torch."""
     spec = m.wspec
     dim = m.qweight.shape[1]
     gs = check_group_size(dim, spec.group_size)
@@ -115,7 +115,8 @@ def quant_gather(g: Graph, ids: str, m: QuantEmbedding, name: str) -> str:
             "Gather", g.weight(f"{name}.qweight_packed", Tensor.from_numpy(pack_int4(m.qweight).numpy())), ids
         )
         lo = g.op("BitwiseAnd", packed, g.const(15, np.uint8))
-        hi = g.op("BitShift", packed, g.const(4, np.uint8), direction="RIGHT")
+        # (packed - lo) / 16 divides exactly; OpenVINO 2026.4 rounds uint8 BitShift(RIGHT) and Div (9 >> 4 = 1).
+        hi = g.op("Div", g.op("Sub", packed, lo), g.const(16, np.uint8))
         axis = g.const([-1], np.int64)
         nib = g.op("Concat", g.op("Unsqueeze", lo, axis), g.op("Unsqueeze", hi, axis), axis=-1)
         nib = g.op("Reshape", nib, g.const([0, 0, dim // gs, gs], np.int64))

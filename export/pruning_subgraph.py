@@ -96,9 +96,12 @@ def _l2(g: Graph, x: str) -> str:
     return g.op("Sqrt", g.op("ReduceSumSquare", x, _axes(g), keepdims=0))
 
 
-def fused_scores(g: Graph, sem: str, X: str, dim: int, p: FusionParams) -> str:
-    """``qavtp.scoring.fused_scores``: a norm(sem) + (1 - a) dir norm(b norm(eq) + (1 - b) norm(o))."""
-    err = _l2(g, g.op("Sub", X, fake_quant(g, X, p.spec, dim)))
+def fused_scores(g: Graph, sem: str, X: str, dim: int, p: FusionParams, qdq_ops: bool = False) -> str:
+    """``qavtp.scoring.fused_scores``: a norm(sem) + (1 - a) dir norm(b norm(eq) + (1 - b) norm(o)).
+
+    ``qdq_ops`` as in :func:`fake_quant`: blocked Q/DQ only in the onnxruntime-specific graph (OpenVINO, for one,
+    refuses a ``QuantizeLinear`` whose input has dynamic dimensions)."""
+    err = _l2(g, g.op("Sub", X, fake_quant(g, X, p.spec, dim, qdq_ops=qdq_ops)))
     if p.relative:
         norm = _l2(g, X)
         zero = g.const(F32(0))
@@ -155,7 +158,7 @@ def prune(
         sem = cls
     else:
         sem = text_attention(g, dec, emb, mask, left_padded_positions(g, mask), vis_pos)
-    scores = sem if scorer == "semantic" else fused_scores(g, sem, vis, dec.hidden, params)
+    scores = sem if scorer == "semantic" else fused_scores(g, sem, vis, dec.hidden, params, qdq_ops=dec.fmt == "ort")
     g.scope = "prune/select"
     _, top = g.op("TopK", scores, g.const([k], I64), axis=-1, largest=1, sorted=1, outputs=2)
     kept, _ = g.op("TopK", top, g.const([k], I64), axis=-1, largest=0, sorted=1, outputs=2)  # ascending order
