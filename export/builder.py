@@ -52,6 +52,7 @@ class Graph:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.tensors: dict[str, Tensor] = {}
         self._consts: dict[tuple, str] = {}
+        self.memo: dict[tuple, str] = {}  # subgraphs built once per input (fakequant.fake_quant)
         self._count = 0
         self.uses_ms_domain = False
         self.scope = "graph"  # node-name prefix: per-stage timings come from onnxruntime's profile
