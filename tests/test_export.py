@@ -353,14 +353,18 @@ def test_prompt_and_pixels_match_the_processor(exports, tiny_llava_dir, easyvqa_
         np.testing.assert_array_equal(preprocess_image(im, cfg), want)
 
 
-def test_run_never_imports_torch(exports, easyvqa_test, tmp_path):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_run_never_imports_torch(runtime, exports, easyvqa_test, tmp_path):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
     img = tmp_path / "x.png"
     easyvqa_test[0]["image"].save(img)
+    graph = exports["ort" if runtime == "onnxruntime" else "qdq"]
     code = (
         "import sys\n"
         "from qavtp.cli import main\n"
-        f"main(['run', {str(exports['ort'])!r}, '--image', {str(img)!r}, '--question', 'What shape is this?',"
-        " '--max-new-tokens', '3'], standalone_mode=False)\n"
+        f"main(['run', {str(graph)!r}, '--image', {str(img)!r}, '--question', 'What shape is this?',"
+        f" '--max-new-tokens', '3', '--runtime', {runtime!r}], standalone_mode=False)\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
         "print('NO_TORCH_OK')\n"
@@ -370,7 +374,8 @@ def test_run_never_imports_torch(exports, easyvqa_test, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "NO_TORCH_OK" in res.stdout
     assert "visual tokens kept: 4/16" in res.stdout
-    assert "vision+scoring+prune" in res.stdout
+    assert f"time ({runtime})" in res.stdout
+    assert ("vision+scoring+prune" in res.stdout) == (runtime == "onnxruntime")  # per-stage: onnxruntime's profiler
 
 
 @pytest.mark.parametrize("which", ["fp32", "qdq"])
