@@ -27,9 +27,15 @@ def pruning_for(adapter, scorer: str, rho: float, cfg: dict | None, seed: int = 
     """How ``qavtp eval`` prunes at ratio ``rho``: the artifact's fusion weights of that ratio (scorer ``qavtp``,
     and the sensitivity ablation's quantizer and direction) and its deployed activation quantizer."""
     from qavtp.calibrate.artifact import activation_spec
-    from qavtp.calibrate.fusion import fusion_for
+    from qavtp.calibrate.fusion import fusion_for, ratio_key
 
-    fusion = fusion_for(cfg, rho) if cfg and cfg.get("fusion", {}).get("ratios") and rho < 1 else None
+    fusion = None
+    learned = (cfg or {}).get("fusion", {}).get("ratios") or {}
+    # qavtp needs its ratio's weights (fusion_for says so if they are missing); the sensitivity ablation uses them
+    # where the artifact has them; every other scorer ignores them, so an artifact learned for 0.125 alone can
+    # still be swept at 0.5 with semantic or [CLS] pruning.
+    if rho < 1 and (scorer == "qavtp" or ratio_key(rho) in learned):
+        fusion = fusion_for(cfg or {}, rho)
     return Pruning(adapter, scorer, rho, fusion, activation_spec(cfg), seed, layer)
 
 

@@ -223,3 +223,18 @@ def test_refit_with_the_candidate_objective(artifact, tmp_path):
     assert all(e["choice_kl"] >= -1e-6 for e in entry["curve"])
     r = CliRunner().invoke(main, ["fuse", str(copy), "--retain", "1"])
     assert r.exit_code == 2 and "at least one retention ratio below 1" in r.output
+
+
+def test_only_scorers_that_use_fusion_weights_need_their_ratio():
+    """An artifact learned for 12.5 % alone (the main job's) can still be swept at 50 % with semantic or [CLS]
+    pruning; scorer qavtp at 50 % is refused in one line; the sensitivity ablation uses the weights where they exist."""
+    from qavtp.sweep import pruning_for
+
+    learned = FusionParams(alpha=0.25, direction=-1)
+    cfg = {"fusion": {"ratios": {"0.125": {"params": learned.to_dict()}}}, "options": {}}
+    assert pruning_for(None, "semantic", 0.5, cfg).fusion is None
+    assert pruning_for(None, "qerror", 0.125, cfg).fusion == learned
+    assert pruning_for(None, "qerror", 0.5, cfg).fusion is None
+    assert pruning_for(None, "qavtp", 0.125, cfg).fusion == learned
+    with pytest.raises(QavtpError, match="fusion weights for retention 0.125, not 0.5"):
+        pruning_for(None, "qavtp", 0.5, cfg)
