@@ -121,6 +121,12 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 )
 @click.option("--kv-clip", type=float, default=0.95, show_default=True, help="KV clipping ratio in (0, 1].")
 @click.option(
+    "--a8",
+    default=None,
+    help="Mixed precision: these linears keep 8-bit inputs (the same scheme otherwise): projection names and/or "
+    "decoder layers, comma-separated, e.g. gate_proj,up_proj or 0-4 (bench/act_sensitivity.py shows where it pays).",
+)
+@click.option(
     "--retain",
     default="0.5,0.25,0.125",
     show_default=True,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ from qavtp.io import atomic_dir
 
 # 2 added options.vocab (quantized embedding and LM head) and options.kv_cache: a reader of version 1 would
 # silently run those artifacts with float vocabulary matrices and KV cache, so it must refuse them.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # a version-1 artifact means the same under this reader
+# 3 added options.a8 and calibration.a8_linears (8-bit inputs at some linears), which an older reader would ignore.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # older artifacts mean the same under this reader
 CONFIG = "config.json"
 WEIGHTS = "quantized.safetensors"
 _STORED_PREFIXES = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
@@ -122,12 +124,14 @@ def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike 
     wspec = QuantSpec.from_dict(cfg["options"]["weights"])
     aspec = activation_spec(cfg)
     layers = adapter.decoder_layers
+    eight = set(cfg["calibration"].get("a8_linears", ()))
     for name in cfg["calibration"]["quantized"]:
         rel = name[len("layers.") :]
         parent_name, _, attr = rel.rpartition(".")
         parent = layers.get_submodule(parent_name)
         lin = getattr(parent, attr)
-        setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, wspec, aspec, bias=lin.bias is not None))
+        spec = replace(aspec, bits=8) if name in eight else aspec
+        setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, wspec, spec, bias=lin.bias is not None))
     try:
         state = load_file(str(d / WEIGHTS))
     except Exception as e:  # safetensors raises several error types for a damaged file

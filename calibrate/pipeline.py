@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -18,6 +19,41 @@ from qavtp.evaluate import encode
 METHODS = ("rtn", "smoothquant", "quarot")
 W4_G128 = QuantSpec(4, True, 128)
 A4_PER_TOKEN = QuantSpec(4, True, 0)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_a8(text: str | None, n_layers: int) -> tuple[set[str], set[int]]:
+    """``--a8``: projection names and layers (``7`` or ``0-4``), comma-separated, whose linears keep 8-bit inputs."""
+    names: set[str] = set()
+    layers: set[int] = set()
+    for term in (t.strip() for t in (text or "").split(",")):
+        if not term:
+            continue
+        if term in PROJECTIONS:
+            names.add(term)
+            continue
+        lo, sep, hi = term.partition("-")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise QavtpError(
+                f"--a8 term {term!r} is neither a projection ({', '.join(PROJECTIONS)}) nor a layer range like 0-4"
+            )
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if not first <= last < n_layers:
+            raise QavtpError(f"--a8 layers {term} are not within the model's layers 0-{n_layers - 1}")
+        layers.update(range(first, last + 1))
+    return names, layers
+
+
+def act_spec_for(full: str, aspec: QuantSpec | None, a8: tuple[set[str], set[int]] | None) -> QuantSpec | None:
+    """The activation quantizer of decoder linear ``full`` (``layers.3.mlp.up_proj``): ``aspec``, or the same
+    scheme at 8 bits where ``a8`` selects it by projection name or by layer."""
+    if aspec is None or not a8 or aspec.bits >= 8:
+        return aspec
+    names, layers = a8
+    parts = full.split(".")
+    if names.intersection(parts) or int(parts[1]) in layers:  # down_proj's linear sits in an online-Hadamard wrapper
+        return replace(aspec, bits=8)
+    return aspec
 
 
 def calibration_batches(processor, dataset, batch_size: int = 8) -> list[dict]:
@@ -51,6 +87,7 @@ def calibrate_model(
     seed: int = 0,
     progress: bool = True,
     online_o_proj: bool = False,
+    a8: tuple[set[str], set[int]] | None = None,
 ) -> dict:
     """Transform the LLM (``method``), then quantize every decoder linear in place.
 
@@ -58,7 +95,8 @@ def calibrate_model(
     the statistics see the inputs the deployed model will see.  The LM head, the vision tower and
     the projector stay in floating point, as in QuaRot (``calibrate.vocab`` quantizes the embedding and
     the head afterwards, on request).  Returns the JSON-able record of what was
-    done (transforms, per-linear input statistics) for the artifact.
+    done (transforms, per-linear input statistics) for the artifact. ``a8`` (:func:`parse_a8`) keeps 8-bit inputs at
+    the linears it selects (mixed precision); the record lists them under ``a8_linears``.
     """
     if method not in METHODS:
         raise QavtpError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -74,6 +112,7 @@ def calibrate_model(
     inputs = capture_layer_inputs(adapter, batches)
     stats_out: dict[str, dict] = {}
     quantized: list[str] = []
+    eight: list[str] = []
     layers = adapter.decoder_layers
     bar = tqdm(list(enumerate(layers)), desc="calibrating decoder layers", unit="layer", disable=not progress)
     for i, layer in bar:
@@ -81,10 +120,13 @@ def calibrate_model(
         for name, lin in list(linear_modules(layer)):
             full = f"layers.{i}.{name}"
             stats_out[full] = stats[full].summary()
+            spec = act_spec_for(full, aspec, a8)
+            if spec is not aspec:
+                eight.append(full)
             ql = QuantLinear.from_linear(
                 lin,
                 wspec,
-                aspec,
+                spec,
                 method="gptq" if gptq else "rtn",
                 H=hess[full].hessian() if gptq else None,
                 clip_search=clip_search,
@@ -93,5 +135,7 @@ def calibrate_model(
             quantized.append(full)
         inputs = run_layer(layer, inputs)
     record["quantized"] = quantized
+    if eight:
+        record["a8_linears"] = eight
     record["stats"] = stats_out
     return record

@@ -13,7 +13,7 @@ import torch
 
 from qavtp.calibrate.artifact import fingerprint, save_artifact
 from qavtp.calibrate.kvcache import install_kv_quant
-from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches
+from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches, parse_a8
 from qavtp.calibrate.quantizers import QuantSpec, check_group_size
 from qavtp.calibrate.vocab import quantize_vocab
 from qavtp.errors import QavtpError
@@ -71,6 +71,7 @@ def run_calibration(
     vocab_bits: int = 16,
     kv_bits: int = 16,
     kv_clip: float = 0.95,
+    a8: str | None = None,
     seed: int = 0,
     retain: str | list[float] | None = None,
     fusion_samples: int = 64,
@@ -121,6 +122,9 @@ def run_calibration(
         wgroup = auto_group(adapter)
     wspec, aspec = quant_specs(wbits, abits, wgroup, agroup, wsym, asym, aclip)
     check_groups(adapter, wspec, aspec)
+    eight = parse_a8(a8, len(adapter.decoder_layers)) if a8 else None
+    if eight and (aspec is None or aspec.bits >= 8):
+        raise QavtpError(f"--a8 raises 4-bit (or lower) activations to 8 bits; these are {abits}-bit")
     ds = load_data(data_spec, "train", limit=n_samples, seed=seed)
     batches = calibration_batches(processor, ds, batch_size)
     t0 = time.time()
@@ -143,6 +147,7 @@ def run_calibration(
         seed=seed,
         progress=progress,
         online_o_proj=online_o_proj,
+        a8=eight,
     )
     vspec = None
     if vocab_bits != 16:
@@ -170,6 +175,7 @@ def run_calibration(
             "online_o_proj": online_o_proj if method == "quarot" else None,
             "vocab": vspec.to_dict() if vspec else None,
             "kv_cache": kv_spec.to_dict() if kv_spec else None,
+            "a8": a8 if eight else None,
             "seed": seed,
         },
         # ru_maxrss is the process's peak resident memory (KiB on Linux): model + one layer's activations.

@@ -93,7 +93,7 @@ def test_artifact_round_trip_is_exact(tiny_llava_dir, calib, probe, tmp_path):
         progress=False,
     )
     cfg = read_config(out)
-    assert cfg["schema_version"] == 2 and cfg["source"]["fingerprint"] == fingerprint(tiny_llava_dir)
+    assert cfg["schema_version"] == 3 and cfg["source"]["fingerprint"] == fingerprint(tiny_llava_dir)
     assert cfg["options"]["weights"]["bits"] == 4 and cfg["options"]["gptq"] is True
     assert len(cfg["calibration"]["quantized"]) == 14
     loaded, _, _, _ = load_artifact(out)
@@ -161,6 +161,28 @@ def test_kv_cache_quantization_round_trip(tiny_llava_dir, probe, tmp_path):
     assert _rel(quantized, float_kv) > 1e-3 and _rel(eight, float_kv) < _rel(quantized, float_kv) / 4
 
 
+def test_mixed_precision_a8_round_trip(tiny_llava_dir, probe, tmp_path):
+    """--a8 keeps 8-bit inputs at the selected linears (by projection and by layer, down_proj inside its online
+    Hadamard wrapper included); the artifact records them and loads the same model back."""
+    out = run_calibration(
+        tiny_llava_dir, tmp_path / "art", n_samples=8, batch_size=4, agroup=16, a8="up_proj,down_proj,1", progress=False
+    )
+    cfg = read_config(out)
+    assert cfg["schema_version"] == 3 and cfg["options"]["a8"] == "up_proj,down_proj,1"
+    want = {"layers.0.mlp.up_proj", "layers.0.mlp.down_proj.linear"} | {
+        n for n in cfg["calibration"]["quantized"] if n.startswith("layers.1.")
+    }
+    assert set(cfg["calibration"]["a8_linears"]) == want and len(want) == 9
+    model, _, adapter, _ = load_artifact(out)
+    bits = {
+        f"layers.{n}": m.aspec.bits for n, m in adapter.decoder_layers.named_modules() if isinstance(m, QuantLinear)
+    }
+    assert bits == {n: 8 if n in want else 4 for n in cfg["calibration"]["quantized"]}
+    assert {m.aspec.group_size for m in adapter.decoder_layers.modules() if isinstance(m, QuantLinear)} == {16}
+    again, _, _, _ = load_artifact(out)
+    torch.testing.assert_close(_logits(model, probe), _logits(again, probe), rtol=0, atol=0)
+
+
 def _one_line_error(result, needle):
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
@@ -174,6 +196,9 @@ def test_bad_calibration_inputs(tiny_llava_dir, tmp_path):
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--wgroup", "48"]), "does not divide")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--n-samples", "0"]), "calibration set is empty")
     assert "Invalid value for '--vocab-bits'" in run(main, [*base, str(tmp_path / "a"), "--vocab-bits", "3"]).output
+    _one_line_error(run(main, [*base, str(tmp_path / "a"), "--a8", "mlp"]), "--a8 term 'mlp' is neither a projection")
+    _one_line_error(run(main, [*base, str(tmp_path / "a"), "--a8", "1-5"]), "not within the model's layers 0-1")
+    _one_line_error(run(main, [*base, str(tmp_path / "a"), "--a8", "0", "--abits", "8"]), "these are 8-bit")
     (tmp_path / "exists").mkdir()
     _one_line_error(run(main, [*base, str(tmp_path / "exists")]), "exists; pass --overwrite")
     assert not list(tmp_path.glob(".a-*")) and not (tmp_path / "a").exists()

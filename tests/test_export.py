@@ -70,10 +70,11 @@ def artifact(tiny_llava_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vocab_artifact(tiny_llava_dir, tmp_path_factory):
-    """4-bit token embedding and LM head (``--vocab-bits 4``), a 4-bit KV cache (``--kv-bits 4``) and activations in
-    groups of 16 (blocked Q/DQ ops in the ort graph, elementwise ops in the qdq one)."""
+    """4-bit token embedding and LM head (``--vocab-bits 4``), a 4-bit KV cache (``--kv-bits 4``), activations in
+    groups of 16 (blocked Q/DQ ops in the ort graph, elementwise ops in the qdq one) and mixed precision (``--a8``:
+    8-bit inputs at layer 0's gate/up and every linear of layer 1)."""
     out = tmp_path_factory.mktemp("artv") / "w4a4v"
-    options = {"vocab_bits": 4, "kv_bits": 4, "agroup": 16}
+    options = {"vocab_bits": 4, "kv_bits": 4, "agroup": 16, "a8": "gate_proj,up_proj,1"}
     return run_calibration(tiny_llava_dir, out, method="quarot", n_samples=8, batch_size=4, progress=False, **options)
 
 
