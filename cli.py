@@ -127,6 +127,11 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     "decoder layers, comma-separated, e.g. gate_proj,up_proj or 0-4 (bench/act_sensitivity.py shows where it pays).",
 )
 @click.option(
+    "--vision-stats",
+    is_flag=True,
+    help="Also record the input statistics of the vision tower's and projector's linears (they stay float).",
+)
+@click.option(
     "--retain",
     default="0.5,0.25,0.125",
     show_default=True,

@@ -39,6 +39,9 @@ INVESTIGATE = {
     "W4A4 QuaRot + GPTQ, asym acts g16, 4-bit vocab": [
         *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4")
     ],
+    "W4A4 QuaRot + GPTQ, asym acts g16, 4-bit vocab, gate/up inputs A8": [
+        *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--a8", "gate_proj,up_proj")
+    ],
     "W4A4KV4 QuaRot + GPTQ, asym acts g16, 4-bit vocab": [
         *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--kv-bits", "4")
     ],

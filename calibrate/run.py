@@ -15,6 +15,7 @@ from qavtp.calibrate.artifact import fingerprint, save_artifact
 from qavtp.calibrate.kvcache import install_kv_quant
 from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches, parse_a8
 from qavtp.calibrate.quantizers import QuantSpec, check_group_size
+from qavtp.calibrate.stats import observe_vision
 from qavtp.calibrate.vocab import quantize_vocab
 from qavtp.errors import QavtpError
 
@@ -72,6 +73,7 @@ def run_calibration(
     kv_bits: int = 16,
     kv_clip: float = 0.95,
     a8: str | None = None,
+    vision_stats: bool = False,
     seed: int = 0,
     retain: str | list[float] | None = None,
     fusion_samples: int = 64,
@@ -133,6 +135,7 @@ def run_calibration(
     target = dense_logprobs(net, processor, fds) if ratios else None
     hds = holdout_subset(ds, fusion_samples) if ratios and fusion_holdout else None
     held = (hds, dense_logprobs(net, processor, hds)) if hds is not None else None
+    vision = observe_vision(adapter, batches) if vision_stats else None
     if kv_spec is not None:
         install_kv_quant(adapter, kv_spec)  # before the layers are calibrated: GPTQ sees the deployed attention
     record = calibrate_model(
@@ -181,6 +184,7 @@ def run_calibration(
         # ru_maxrss is the process's peak resident memory (KiB on Linux): model + one layer's activations.
         "calibration": {
             **record,
+            **({"vision_stats": vision} if vision else {}),
             "seconds": seconds,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },

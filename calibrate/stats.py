@@ -124,6 +124,35 @@ class InputStats:
         }
 
 
+@torch.no_grad()
+def observe_vision(adapter, batches: Iterable[dict]) -> dict[str, dict]:
+    """Input statistics of every linear of the vision tower and the projector (``qavtp calibrate --vision-stats``).
+
+    They stay in floating point; the summaries show what quantizing them would face. Each distinct batch of
+    pixels runs once through ``adapter.visual_tokens``; every patch (and [CLS]) token counts.
+    """
+    model = adapter.model
+    skip = {id(m) for m in adapter.language_model.modules()} | {id(adapter.lm_head)}
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and id(mod) not in skip:
+            stats[name] = InputStats()
+
+            def hook(_mod, args, name=name):
+                stats[name].add(args[0], None, name)
+
+            handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            if batch.get("pixel_values") is not None:
+                adapter.visual_tokens(batch["pixel_values"])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: st.summary() for n, st in stats.items() if st.n_tokens}
+
+
 def linear_modules(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     for name, mod in layer.named_modules():
         if isinstance(mod, nn.Linear):

@@ -161,6 +161,23 @@ def test_kv_cache_quantization_round_trip(tiny_llava_dir, probe, tmp_path):
     assert _rel(quantized, float_kv) > 1e-3 and _rel(eight, float_kv) < _rel(quantized, float_kv) / 4
 
 
+def test_vision_statistics_are_recorded_on_request(tiny_llava_dir, tmp_path):
+    out = run_calibration(
+        tiny_llava_dir, tmp_path / "art", n_samples=4, batch_size=4, vision_stats=True, retain="none", progress=False
+    )
+    vision = read_config(out)["calibration"]["vision_stats"]
+    model, _, _ = load_model(tiny_llava_dir)
+    tower = model.model.vision_tower.config
+    patches = (tower.image_size // tower.patch_size) ** 2
+    assert {n.rsplit(".", 1)[-1] for n in vision} >= {"q_proj", "fc1", "fc2", "linear_1", "linear_2"}
+    assert not [n for n in vision if "language_model" in n]
+    # Four images: every tower token ([CLS] included) per layer; the projector sees the selected patches.
+    q0 = next(v for n, v in vision.items() if n.endswith("encoder.layers.0.self_attn.q_proj"))
+    assert q0["tokens"] == 4 * (patches + 1)
+    assert vision["model.multi_modal_projector.linear_1"]["tokens"] == 4 * patches
+    assert all(v["absmax"] >= v["percentiles"]["p99"] > 0 for v in vision.values())
+
+
 def test_mixed_precision_a8_round_trip(tiny_llava_dir, probe, tmp_path):
     """--a8 keeps 8-bit inputs at the selected linears (by projection and by layer, down_proj inside its online
     Hadamard wrapper included); the artifact records them and loads the same model back."""
