@@ -205,12 +205,15 @@ class Decoder:
         k = fake_quant(g, g.op("MatMul", k, h), spec, self.head_dim, rank=4)
         return g.op("MatMul", q, h), k, fake_quant(g, v, spec, self.head_dim, rank=4)
 
-    def layer(self, i: int, h: str, rope: Rope, allowed: str, past: tuple[str, str] | None) -> tuple[str, str, str]:
-        """One decoder layer; returns the new hidden states and the layer's present key/value."""
+    def layer(
+        self, i: int, h: str, rope: Rope, allowed: str, past: tuple[str, str] | None, stage: str = "llm"
+    ) -> tuple[str, str, str]:
+        """One decoder layer; returns the new hidden states and the layer's present key/value. ``stage`` prefixes
+        the node names (per-stage timings): ``prune/score`` where a relevance term runs layers on the full prompt."""
         g = self.g
         layer = self.layers[i]
         attn, mlp = layer.self_attn, layer.mlp
-        g.scope = f"llm/layer{i}"
+        g.scope = f"{stage}/layer{i}"
         x = rmsnorm(g, h, layer.input_layernorm.weight, self.eps, self.name(layer.input_layernorm))
         q = self.apply_rope(_heads(g, self.linear(x, attn.q_proj), self.heads, self.head_dim), rope)
         k = self.apply_rope(_heads(g, self.linear(x, attn.k_proj), self.kv_heads, self.head_dim), rope)

@@ -16,7 +16,7 @@ from onnx import TensorProto
 from qavtp.export.builder import Graph
 from qavtp.export.fakequant import fake_quant
 from qavtp.export.graph import Decoder, _heads, left_padded_positions, rmsnorm, seq_len
-from qavtp.scoring import FusionParams
+from qavtp.scoring import FusionParams, semantic_layer
 
 I64 = np.int64
 F32 = np.float32
@@ -51,10 +51,16 @@ def gather_rows(g: Graph, x: str, idx: str) -> str:
 # -------------------------------------------------------------------------------------------- scorers
 
 
-def text_attention(g: Graph, dec: Decoder, emb: str, mask: str, positions: str, vis_pos: str) -> str:
-    """``qavtp.scoring.text_attention`` at layer 0: last prompt token -> every position, mean over heads,
-    at the visual positions ``vis_pos [B, N]``."""
-    layer = dec.layers[0]
+def text_attention(g: Graph, dec: Decoder, emb: str, mask: str, positions: str, vis_pos: str, at: int = 0) -> str:
+    """``qavtp.scoring.text_attention`` at decoder layer ``at``: last prompt token -> every position, mean over
+    heads, at the visual positions ``vis_pos [B, N]``. For ``at > 0`` layers ``0..at-1`` first run on the full
+    prompt (``qavtp.scoring.hidden_states_at``), as in the torch scorer."""
+    if at:
+        rope, allowed = dec.rope(positions), dec.attention_mask(mask, seq_len(g, emb), None)
+        for i in range(at):
+            emb, _, _ = dec.layer(i, emb, rope, allowed, None, stage="prune/score")
+        g.scope = "prune/score"
+    layer = dec.layers[at]
     attn = layer.self_attn
     h = rmsnorm(g, emb, layer.input_layernorm.weight, dec.eps, dec.name(layer.input_layernorm))
     last = g.op("Slice", h, g.const([-1], I64), g.const([np.iinfo(I64).max], I64), g.const([1], I64))
@@ -157,7 +163,8 @@ def prune(
     if cls is not None:
         sem = cls
     else:
-        sem = text_attention(g, dec, emb, mask, left_padded_positions(g, mask), vis_pos)
+        at = semantic_layer(params.semantic) if params is not None and scorer != "semantic" else 0
+        sem = text_attention(g, dec, emb, mask, left_padded_positions(g, mask), vis_pos, at)
     scores = sem if scorer == "semantic" else fused_scores(g, sem, vis, dec.hidden, params, qdq_ops=dec.fmt == "ort")
     g.scope = "prune/select"
     _, top = g.op("TopK", scores, g.const([k], I64), axis=-1, largest=1, sorted=1, outputs=2)

@@ -39,7 +39,18 @@ SCORERS: dict[str, str] = {
 
 NORMS = ("minmax", "zscore")
 OUTLIERS = ("range", "linf")
-SEMANTICS = ("text", "cls")
+# Relevance terms: text (the last prompt token's attention at layer 0), cls (the vision tower's [CLS] attention),
+# text-lN (the attention at decoder layer N on the full prompt; FastV scores at N = 2), still pruned before the LLM.
+FASTV_LAYER = 2
+
+
+def semantic_layer(kind: str) -> int:
+    """The decoder layer whose attention a relevance term reads: N for ``text-lN``, 0 for ``text``."""
+    if kind.startswith("text-l") and kind[6:].isdigit():
+        return int(kind[6:])
+    if kind in ("text", "cls"):
+        return 0
+    raise QavtpError(f"unknown semantic score {kind!r}; valid: text, cls, text-l<layer> (e.g. text-l{FASTV_LAYER})")
 
 
 def check_scorer(name: str) -> str:
@@ -270,7 +281,8 @@ class FusionParams:
     (max |x|). Dividing by a calibrated channel statistic would change nothing here: every term is
     normalised per image, which cancels any constant factor. ``qspec`` is the simulated quantizer of
     the error term (the deployed activation quantizer, or the paper's INT4 g128). ``semantic`` is the
-    relevance term: ``text`` (last prompt token's attention at layer 0) or ``cls`` (vision [CLS] attention).
+    relevance term: ``text`` (last prompt token's attention at layer 0), ``cls`` (vision [CLS] attention) or
+    ``text-lN`` (the attention at decoder layer N, computed on the full prompt by layers 0..N-1).
     """
 
     alpha: float = 0.5
@@ -291,8 +303,7 @@ class FusionParams:
             raise QavtpError(f"unknown normalisation {self.norm!r}; valid: {', '.join(NORMS)}")
         if self.outlier not in OUTLIERS:
             raise QavtpError(f"unknown outlier intensity {self.outlier!r}; valid: {', '.join(OUTLIERS)}")
-        if self.semantic not in SEMANTICS:
-            raise QavtpError(f"unknown semantic score {self.semantic!r}; valid: {', '.join(SEMANTICS)}")
+        semantic_layer(self.semantic)
         QuantSpec.from_dict(self.qspec)
 
     @property
@@ -347,13 +358,20 @@ def available_semantics(adapter) -> tuple[str, ...]:
         n = len(body.encoder.layers)
     except (QavtpError, AttributeError):
         n = 0
-    return SEMANTICS if n >= 2 else ("text",)
+    deeper = min(FASTV_LAYER, len(adapter.decoder_layers) - 1)
+    return ("text", *(("cls",) if n >= 2 else ()), *((f"text-l{deeper}",) if deeper > 0 else ()))
 
 
 def semantic_scores(adapter, enc, hidden: Tensor, visual_mask: Tensor, kind: str = "text", layer: int = 0) -> Tensor:
-    """The relevance term ``[B, N]``: text attention at layer K (``hidden`` enters it) or vision [CLS] attention."""
+    """The relevance term ``[B, N]``: text attention at layer K (``hidden`` enters it), vision [CLS] attention, or
+    (``text-lN``, pruning before the LLM) text attention at layer N on the full prompt."""
     if kind == "cls":
         return cls_attention(adapter, enc["pixel_values"])
+    deeper = semantic_layer(kind)
+    if deeper:
+        if layer:
+            raise QavtpError(f"relevance term {kind!r} is defined for pruning before the LLM (K = 0), not K = {layer}")
+        hidden, layer = hidden_states_at(adapter, enc, deeper), deeper
     return text_attention(adapter, hidden, layer, enc["attention_mask"], enc.get("position_ids"), visual_mask)
 
 

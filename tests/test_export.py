@@ -51,6 +51,8 @@ LOGIT_RTOL = 1e-4
 FUSION = FusionParams(0.7, 0.3, -1, "zscore", "linf", True, {"bits": 4, "symmetric": True, "group_size": 32})
 # The vision tower's [CLS] attention as the relevance term: computed inside the exported vision graph.
 FUSION_CLS = FusionParams(0.6, 0.5, 1, "minmax", "range", False, {"bits": 4, "symmetric": True, "group_size": 0}, "cls")
+# Layer 1's text attention on the full prompt as the relevance term: the graph runs layer 0 twice (scoring, LLM).
+FUSION_DEEP = FusionParams(**{**FUSION_CLS.to_dict(), "alpha": 0.5, "semantic": "text-l1"})
 
 
 def _with_fusion(artifact, out, params: FusionParams):
@@ -89,12 +91,17 @@ def cls_artifact(artifact, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def deep_artifact(artifact, tmp_path_factory):
+    return _with_fusion(artifact, tmp_path_factory.mktemp("artd") / "w4a4d", FUSION_DEEP)
+
+
+@pytest.fixture(scope="module")
 def rows(padded_rows):
     return padded_rows
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artifact, tmp_path_factory):
+def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artifact, deep_artifact, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     specs = {
         "qdq": (fusion_artifact, 0.25, "qavtp", "qdq"),
@@ -105,6 +112,7 @@ def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artif
         "fp32": (tiny_llava_dir, 0.25, "semantic", "qdq"),
         "vocab": (vocab_artifact, 0.25, "qapruner", "qdq"),
         "vocab-ort": (vocab_artifact, 0.25, "qapruner", "ort"),
+        "deep": (deep_artifact, 0.25, "qavtp", "qdq"),
     }
     return {k: export_model(str(s), root / k, r, sc, f) for k, (s, r, sc, f) in specs.items()}
 
@@ -128,7 +136,7 @@ def _rel(a, b) -> float:
 def _load(which, tiny_llava_dir, artifact, fusion_artifact, cls_artifact=None, vocab_artifact=None):
     if which == "fp32":
         return load_model(tiny_llava_dir)
-    sources = {"qapruner": artifact, "dense": artifact, "cls": cls_artifact}
+    sources = {"qapruner": artifact, "dense": artifact, "cls": cls_artifact, "deep": artifact}  # same weights
     source = {**sources, "vocab": vocab_artifact, "vocab-ort": vocab_artifact}.get(which, fusion_artifact)
     model, processor, adapter, _ = load_artifact(source)
     return model, processor, adapter
@@ -219,7 +227,7 @@ def test_graphs_are_valid_onnx_and_share_one_weights_file(exports, tmp_path):
 # ---------------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("which", ["qdq", "ort", "cls", "qapruner", "dense", "fp32", "vocab", "vocab-ort"])
+@pytest.mark.parametrize("which", ["qdq", "ort", "cls", "qapruner", "dense", "fp32", "vocab", "vocab-ort", "deep"])
 def test_prefill_and_decode_match_torch(
     which, exports, rows, tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artifact
 ):
@@ -227,7 +235,7 @@ def test_prefill_and_decode_match_torch(
     meta = read_meta(exports[which])
     rho, scorer = meta["pruning"]["retain"], meta["pruning"]["scorer"]
     enc = encode(processor, *rows)
-    fusion = FUSION_CLS if which == "cls" else FUSION
+    fusion = {"cls": FUSION_CLS, "deep": FUSION_DEEP}.get(which, FUSION)
     ref, pr, keep, scores = _torch_prefill(model, adapter, enc, scorer, rho, fusion)
     got = _run(_session(exports[which] / "prefill.onnx"), _feeds(enc))
 
@@ -273,7 +281,7 @@ class GatherElements(OpRun):
         return (np.take_along_axis(data, indices, axis=axis),)
 
 
-@pytest.mark.parametrize("which", ["qdq", "vocab"])
+@pytest.mark.parametrize("which", ["qdq", "vocab", "deep"])
 def test_reference_evaluator_matches_onnxruntime(which, exports, rows, tiny_llava_dir):
     """The qdq graph is plain ONNX: onnx's pure-Python runtime computes what onnxruntime does (also the bit-op
     unpacking of a 4-bit embedding)."""

@@ -20,6 +20,8 @@ from qavtp.pruning import (
 )
 from qavtp.scoring import (
     SCORERS,
+    FusionParams,
+    available_semantics,
     check_scorer,
     cls_attention,
     fuse,
@@ -33,6 +35,7 @@ from qavtp.scoring import (
     outlier_intensity,
     quant_error_score,
     random_scores,
+    semantic_scores,
     text_attention,
     variance,
 )
@@ -126,6 +129,25 @@ def test_cls_attention_matches_eager(tiny, tiny_llava_dir, enc):
         torch.testing.assert_close(s, att[layer][:, :, 0, 1:].mean(1), atol=1e-5, rtol=1e-4)
     with pytest.raises(QavtpError, match="beyond the model's 2 vision-tower layers"):
         cls_attention(adapter, enc["pixel_values"], layer=2)
+
+
+def test_deeper_relevance_term_is_the_eager_attention_at_that_layer(tiny, tiny_llava_dir, enc):
+    """``text-l1`` (pruning before the LLM with layer 1's attention on the full prompt) reads what eager attention
+    gives at layer 1; the fusion search offers it; a bad name or a K > 0 is refused in one line."""
+    _, _, adapter = tiny
+    vis = adapter.visual_positions(enc["input_ids"])
+    embeds = adapter.embed(enc["input_ids"], enc["pixel_values"])
+    s = semantic_scores(adapter, enc, embeds, vis, "text-l1")
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        att = eager(**enc, output_attentions=True).attentions[1]
+    torch.testing.assert_close(s, gather_visual(att[:, :, -1].mean(1), vis), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(s, semantic_scores(adapter, enc, embeds, vis, "text"))
+    assert available_semantics(adapter) == ("text", "cls", "text-l1")  # 2 decoder layers: FastV's 2 -> 1
+    with pytest.raises(QavtpError, match="unknown semantic score 'text-lx'; valid: text, cls, text-l<layer>"):
+        FusionParams(semantic="text-lx")
+    with pytest.raises(QavtpError, match="defined for pruning before the LLM"):
+        semantic_scores(adapter, enc, embeds, vis, "text-l1", layer=1)
 
 
 def test_hidden_states_at_zero_are_embeddings(tiny, enc):
