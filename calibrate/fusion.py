@@ -114,7 +114,7 @@ def candidate_grid(
     """The staged search space.
 
     Stage 1: each relevance term alone and each sensitivity term alone, in both directions.
-    Stage 2: mixtures of the best relevance term with the sensitivity terms.
+    Stage 2: mixtures of a relevance term with the sensitivity terms (:func:`learn_fusion` tries every term).
     Stage 3: the open choices of the paper (normalisation, outlier measure, relative error) at the best point.
     """
 
@@ -353,12 +353,12 @@ def learn_fusion(
             bar.update()
             return FusionParams.from_dict(min(curve, key=rank)["params"])
 
-        best = run(candidate_grid(base, 1, semantics=available_semantics(adapter)), 1)
-        # Stage 2 mixes the better relevance term (by the objective) with the sensitivity terms.
-        sem_only = [e for e in curve if e["params"]["alpha"] == 1.0]
-        best_sem = min(sem_only, key=rank)
-        anchor = FusionParams.from_dict({**best.to_dict(), "semantic": best_sem["params"]["semantic"]})
-        best = run(candidate_grid(anchor, 2, anchor) + [preset], 2)
+        semantics = available_semantics(adapter)
+        best = run(candidate_grid(base, 1, semantics=semantics), 1)
+        # Stage 2 mixes every relevance term with the sensitivity terms: the term that is best alone need not mix
+        # best (on the reference model text-l2 wins alone at 12.5 %, [CLS] attention mixed: KL 0.67 against 0.60).
+        anchors = [FusionParams.from_dict({**best.to_dict(), "semantic": s}) for s in semantics]
+        best = run([c for a in anchors for c in candidate_grid(a, 2, a)] + [preset], 2)
         best = run(candidate_grid(base, 3, best), 3)
         searched = best
         check = None
