@@ -48,6 +48,21 @@ INVESTIGATE = {
 }
 
 
+def _earlier(work: Path, slug: str, limit: int) -> tuple[dict, dict, dict] | None:
+    """An earlier run's (results, perplexity, calibration) of one config, if it evaluated the same questions."""
+    res_path, ppl_path = work / f"{slug}-eval" / "results.json", work / f"{slug}-ppl.json"
+    if not (res_path.is_file() and ppl_path.is_file()):
+        return None
+    res = json.loads(res_path.read_text())
+    if res["config"].get("limit") != (limit or None):
+        return None
+    calib = {}
+    if (work / slug / "config.json").is_file():
+        c = json.loads((work / slug / "config.json").read_text())["calibration"]
+        calib = {"seconds": c["seconds"], "rss": c["peak_rss_mib"]}
+    return res, json.loads(ppl_path.read_text()), calib
+
+
 def qavtp(*args: str) -> None:
     subprocess.run(["qavtp", *args], check=True, stdout=sys.stderr)
 
@@ -64,6 +79,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run only these config names")
     ap.add_argument("--work", default="runs/bench")
     ap.add_argument("--out", default="bench/results/quant_table.md")
+    ap.add_argument(
+        "--reuse", action="store_true", help="take a config's results from --work where an earlier run left them"
+    )
     a = ap.parse_args()
     work = Path(a.work)
     rows = []
@@ -71,6 +89,10 @@ def main() -> None:
         if (a.only and name not in a.only) or (not a.only and name in INVESTIGATE):
             continue
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        done = _earlier(work, slug, a.limit) if a.reuse else None
+        if done is not None:
+            rows.append((name, *done))
+            continue
         target = [a.model]
         calib = {}
         if flags is not None:
