@@ -555,10 +555,15 @@ def test_onnx_candidate_scores_equal_torch(exports, fusion_artifact, easyvqa_tes
     assert np.allclose(np.array(got), np.array(want), atol=1e-4)
 
 
-def test_cli_eval_onnx_compares_with_torch(exports, tmp_path):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_cli_eval_onnx_compares_with_torch(runtime, exports, tmp_path):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
     out = tmp_path / "cmp"
-    r = CliRunner().invoke(main, ["eval-onnx", str(exports["qdq"]), "--limit", "8", "--compare", "-o", str(out)])
+    args = ["eval-onnx", str(exports["qdq"]), "--limit", "8", "--compare", "-o", str(out), "--runtime", runtime]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    agree = json.loads((out / "results.json").read_text())["agreement"]
+    res = json.loads((out / "results.json").read_text())
+    agree = res["agreement"]
     assert agree["n"] == 8 and agree["same_answers"] == 1.0 and agree["same_kept_tokens"] == 1.0
-    assert "same answers 100.0 %" in r.output
+    assert "same answers 100.0 %" in r.output and res["onnx"]["runtime"] == runtime
