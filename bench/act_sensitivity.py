@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
+
+from _table import emit_table  # bench/ is the script's directory, so its siblings import
 
 # (row name, which linears, how their activation spec changes); None selects every linear.
 ROWS = [
@@ -80,10 +81,7 @@ def main() -> None:
         acc = evaluate(model, processor, ds, progress=False)["accuracy"]
         lines.append(f"| {name} | {100 * acc:.2f} | {ppl:.2f} | {time.time() - t0:.0f} |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines) + "\n"
-    print(table)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(table)
+    emit_table(lines, a.out)
 
 
 if __name__ == "__main__":

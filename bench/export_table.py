@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _table import emit_table  # bench/ is the script's directory, so its siblings import
 
 RETAIN = (1.0, 0.5, 0.25, 0.125)
 
@@ -87,10 +88,7 @@ def main() -> None:
     lines = [f"| graph | {head} | decode tokens/s | size MiB |", "|---|" + "---:|" * (len(args.retain) + 2)]
     for label, cells, rate, size in rows:
         lines.append(f"| {label} | {' | '.join(cells)} | {rate:.1f} | {size:.0f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table)
+    emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

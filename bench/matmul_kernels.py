@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
+from _table import emit_table  # bench/ is the script's directory, so its siblings import
 
 ROWS = (1, 35, 91)
 SHAPES = ((576, 1536), (1536, 576), (576, 49152))
@@ -127,10 +127,7 @@ def main() -> None:
             cells = [per_call_us(build, xv, dtype) for build, xv, dtype in variants]
             lines.append(f"| {k} → {n} | {m} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
             print(lines[-1], flush=True)
-    table = "\n".join(lines) + "\n"
-    print(table)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(table)
+    emit_table(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from export_table import _bench  # bench/ is the script's directory, so its sibling imports
+
+# bench/ is the script's directory, so its siblings import.
+from _table import emit_table
+from export_table import _bench
 
 
 def main() -> None:
@@ -78,10 +81,7 @@ def main() -> None:
                         f"{diff:.2g}",
                     ]
                 lines.append(f"| {label} | {runtime} | {' | '.join(cells)} | {ms:.0f} | {tok_s:.1f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table)
+    emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

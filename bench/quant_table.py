@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from _table import emit_table  # bench/ is the script's directory, so its siblings import
+
 CONFIGS = {
     "FP32": None,
     "W8A8 RTN (sanity)": ["--method", "rtn", "--wbits", "8", "--abits", "8"],
@@ -140,10 +142,7 @@ def main() -> None:
             f"| {name} | {100 * res['accuracy']:.2f} | {per} | {ppl['perplexity']:.2f} | "
             f"{calib.get('seconds', '–')} | {calib.get('rss', '–')} |"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(table)
+    emit_table(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ A learned rotation (SpinQuant) lowers this error where one exists that beats ran
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
+from _table import emit_table  # bench/ is the script's directory, so its siblings import
 
 
 def main() -> None:
@@ -91,10 +91,7 @@ def main() -> None:
         cells = [error(r, s) for s in specs.values()]
         lines.append(f"| {name} | " + " | ".join(f"{100 * m:.3f} ({100 * w:.3f})" for m, w in cells) + " |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines) + "\n"
-    print(table)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(table)
+    emit_table(lines, a.out)
 
 
 if __name__ == "__main__":
