@@ -541,16 +541,15 @@ def run_cmd(export_dir, image, question, max_new_tokens, threads, runtime):
     click.echo(gen.text.strip())
     click.echo(f"visual tokens kept: {gen.kept}/{gen.n_visual}")
     rate = t["decode_steps"] / (t["decode_ms"] / 1000) if t["decode_steps"] else float("nan")
-    stages = ""
+    prefill = f"prefill wall {t['prefill_wall_ms']:.1f} ms"
     if "llm_prefill_ms" in t:  # kernel times per stage come from onnxruntime's profiler
-        stages = (
+        prefill = (
             f"vision+scoring+prune {t['vision_scoring_prune_ms']:.1f} ms, LLM prefill {t['llm_prefill_ms']:.1f} ms "
-            "(kernel time; "
+            f"(kernel time; {prefill})"
         )
     click.echo(
-        f"time ({runtime}): {stages}prefill wall {t['prefill_wall_ms']:.1f} ms{')' if stages else ''}, "
-        f"decode {t['decode_ms']:.1f} ms for {t['new_tokens']} new tokens ({t['decode_steps']} decode steps, "
-        f"{rate:.1f} tokens/s)"
+        f"time ({runtime}): {prefill}, decode {t['decode_ms']:.1f} ms for {t['new_tokens']} new tokens "
+        f"({t['decode_steps']} decode steps, {rate:.1f} tokens/s)"
     )
 
 
