@@ -104,7 +104,7 @@ class InputStats:
         self.token_absmax.append(a.amax(1))
         flat = a.reshape(-1)
         step = max(1, flat.numel() // (_SAMPLE // 8))
-        self.sample.append(flat[::step])
+        self.sample.append(flat[::step].clone())  # a strided view would keep all of ``a`` alive until summary()
         self.n_tokens += x.shape[0]
 
     def summary(self) -> dict:

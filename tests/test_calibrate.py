@@ -15,7 +15,7 @@ from qavtp.calibrate.pipeline import calibrate_model, calibration_batches
 from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec
 from qavtp.calibrate.rotation import rotate_model
 from qavtp.calibrate.run import run_calibration
-from qavtp.calibrate.stats import capture_layer_inputs, observe_layer
+from qavtp.calibrate.stats import InputStats, capture_layer_inputs, observe_layer
 from qavtp.cli import main
 from qavtp.data import load_data
 from qavtp.errors import QavtpError
@@ -65,6 +65,16 @@ def test_statistics_ignore_padding_and_see_every_linear(tiny_llava_dir, calib):
     assert s["tokens"] == real
     assert s["percentiles"]["p50"] <= s["percentiles"]["p99"] <= s["percentiles"]["p100"] == pytest.approx(s["absmax"])
     assert hess["layers.0.mlp.down_proj"].hessian().shape == (128, 128)
+
+
+def test_statistics_keep_a_sample_not_the_activations():
+    """A layer's statistics live until every linear is quantized: they must not pin each batch's activations."""
+    st = InputStats()
+    x = torch.randn(8, 600, 4096)
+    st.add(x, None, "probe")
+    kept = sum(t.untyped_storage().nbytes() for t in [*st.sample, *st.token_absmax, st.channel_absmax])
+    assert kept < x.numel() * x.element_size() / 100
+    assert st.summary()["tokens"] == 8 * 600
 
 
 @pytest.mark.parametrize("method", ["rtn", "smoothquant", "quarot"])
