@@ -132,6 +132,14 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     help="Also record the input statistics of the vision tower's and projector's linears (they stay float).",
 )
 @click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the layer-by-layer work (rotation, statistics, GPTQ) runs: cpu, cuda or cuda:N. The model stays in "
+    "host memory and one decoder layer at a time visits the device, so a 7B/13B model calibrates on one GPU. "
+    "Fusion learning runs on the CPU.",
+)
+@click.option(
     "--retain",
     default="0.5,0.25,0.125",
     show_default=True,

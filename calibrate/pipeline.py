@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qavtp.calibrate.offload import visiting
 from qavtp.calibrate.quantizers import QuantLinear, QuantSpec
 from qavtp.calibrate.rotation import rotate_model
 from qavtp.calibrate.smooth import collect_input_absmax, smooth_model
@@ -88,6 +89,7 @@ def calibrate_model(
     progress: bool = True,
     online_o_proj: bool = False,
     a8: tuple[set[str], set[int]] | None = None,
+    device: torch.device | None = None,
 ) -> dict:
     """Transform the LLM (``method``), then quantize every decoder linear in place.
 
@@ -96,7 +98,9 @@ def calibrate_model(
     the projector stay in floating point, as in QuaRot (``calibrate.vocab`` quantizes the embedding and
     the head afterwards, on request).  Returns the JSON-able record of what was
     done (transforms, per-linear input statistics) for the artifact. ``a8`` (:func:`parse_a8`) keeps 8-bit inputs at
-    the linears it selects (mixed precision); the record lists them under ``a8_linears``.
+    the linears it selects (mixed precision); the record lists them under ``a8_linears``. With ``device``
+    the model stays where it is and each decoder layer visits ``device`` for its work
+    (:mod:`qavtp.calibrate.offload`).
     """
     if method not in METHODS:
         raise QavtpError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -104,36 +108,37 @@ def calibrate_model(
         raise QavtpError("the calibration set is empty")
     record: dict = {"method": method, "transforms": {}}
     if method == "smoothquant":
-        absmax = collect_input_absmax(adapter, batches)
+        absmax = collect_input_absmax(adapter, batches, device)
         scales = smooth_model(adapter, absmax, smooth_alpha)
         record["transforms"]["smooth"] = {"alpha": smooth_alpha, "layers": sorted(scales)}
     elif method == "quarot":
-        record["transforms"]["rotation"] = rotate_model(adapter, seed, online_o_proj)
-    inputs = capture_layer_inputs(adapter, batches)
+        record["transforms"]["rotation"] = rotate_model(adapter, seed, online_o_proj, device)
+    inputs = capture_layer_inputs(adapter, batches, device)
     stats_out: dict[str, dict] = {}
     quantized: list[str] = []
     eight: list[str] = []
     layers = adapter.decoder_layers
     bar = tqdm(list(enumerate(layers)), desc="calibrating decoder layers", unit="layer", disable=not progress)
     for i, layer in bar:
-        stats, hess = observe_layer(layer, f"layers.{i}", inputs, hessians=gptq)
-        for name, lin in list(linear_modules(layer)):
-            full = f"layers.{i}.{name}"
-            stats_out[full] = stats[full].summary()
-            spec = act_spec_for(full, aspec, a8)
-            if spec is not aspec:
-                eight.append(full)
-            ql = QuantLinear.from_linear(
-                lin,
-                wspec,
-                spec,
-                method="gptq" if gptq else "rtn",
-                H=hess[full].hessian() if gptq else None,
-                clip_search=clip_search,
-            )
-            _set_module(layer, name, ql)
-            quantized.append(full)
-        inputs = run_layer(layer, inputs)
+        with visiting(layer, device):
+            stats, hess = observe_layer(layer, f"layers.{i}", inputs, hessians=gptq)
+            for name, lin in list(linear_modules(layer)):
+                full = f"layers.{i}.{name}"
+                stats_out[full] = stats[full].summary()
+                spec = act_spec_for(full, aspec, a8)
+                if spec is not aspec:
+                    eight.append(full)
+                ql = QuantLinear.from_linear(
+                    lin,
+                    wspec,
+                    spec,
+                    method="gptq" if gptq else "rtn",
+                    H=hess[full].hessian() if gptq else None,
+                    clip_search=clip_search,
+                )
+                _set_module(layer, name, ql)
+                quantized.append(full)
+            inputs = run_layer(layer, inputs)
     record["quantized"] = quantized
     if eight:
         record["a8_linears"] = eight

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qavtp.calibrate.hadamard import apply_hadamard_factored, hadamard_matrix, random_hadamard
+from qavtp.calibrate.offload import visiting
 from qavtp.errors import QavtpError
 from qavtp.models.base import Adapter
 
@@ -179,11 +180,14 @@ def _per_head(h: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rotate_model(adapter: Adapter, seed: int = 0, online_o_proj: bool = False) -> dict:
+def rotate_model(
+    adapter: Adapter, seed: int = 0, online_o_proj: bool = False, device: torch.device | None = None
+) -> dict:
     """Apply the QuaRot rotations in place (norms are fused first); returns a JSON-able description.
 
     The description is what an artifact stores: the seed and sizes rebuild every matrix, and
-    ``online`` lists the modules that :func:`install_online_transforms` must wrap again.
+    ``online`` lists the modules that :func:`install_online_transforms` must wrap again. With ``device``
+    each rotated module visits it for its float64 products (:mod:`qavtp.calibrate.offload`).
     """
     layers = adapter.decoder_layers
     if any(isinstance(layer.mlp.down_proj, OnlineHadamardLinear) for layer in layers):
@@ -194,40 +198,44 @@ def rotate_model(adapter: Adapter, seed: int = 0, online_o_proj: bool = False) -
     hidden = emb.weight.shape[1]
     intermediate = _linear(layers[0].mlp.down_proj).in_features
     head_dim = _head_dim(adapter)
-    dev = emb.weight.device
+    dev = device or emb.weight.device
     q = random_hadamard(hidden, seed).to(dev)
     h_int = hadamard_matrix(intermediate).to(dev)
     h_head = hadamard_matrix(head_dim).to(dev)
     width = layers[0].self_attn.o_proj.in_features
     h_attn = hadamard_matrix(width).to(dev) if online_o_proj else None
 
-    _rotate_input(emb, q)
-    _rotate_output(_projector_output(adapter, hidden), q)
+    with visiting(emb, device):
+        _rotate_input(emb, q.to(emb.weight.device))
+    with visiting(_projector_output(adapter, hidden), device) as proj:
+        _rotate_output(proj, q.to(proj.weight.device))
     online = []
     for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _rotate_input(lin, q.to(lin.weight.device))
-        # Per-head Hadamard on the values: each head's value vector becomes v H and, since the
-        # attention output of a head is a mix of its values, o_proj sees o H per head and undoes it.
-        kv_heads = attn.v_proj.out_features // head_dim
-        heads = attn.o_proj.in_features // head_dim
-        hv = h_head.to(attn.v_proj.weight.device)
-        _rotate_output(attn.v_proj, _per_head(hv, kv_heads))
-        _rotate_input(attn.o_proj, _per_head(hv, heads))
-        _rotate_output(attn.o_proj, q.to(attn.o_proj.weight.device))
-        if h_attn is not None:
-            ha = h_attn.to(attn.o_proj.weight.device)
-            _rotate_input(attn.o_proj, ha)
-            attn.o_proj = OnlineHadamardLinear(ha, attn.o_proj)
-            online.append({"module": f"layers.{i}.self_attn.o_proj", "transform": "hadamard", "size": width})
-        down = mlp.down_proj
-        hi = h_int.to(down.weight.device)
-        _rotate_input(down, hi)  # W H: the online x -> x H at the input cancels it
-        _rotate_output(down, q.to(down.weight.device))
-        mlp.down_proj = OnlineHadamardLinear(hi, down)
-        online.append({"module": f"layers.{i}.mlp.down_proj", "transform": "hadamard", "size": intermediate})
-    _rotate_input(adapter.lm_head, q.to(adapter.lm_head.weight.device))
+        with visiting(layer, device):
+            attn, mlp = layer.self_attn, layer.mlp
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                _rotate_input(lin, q.to(lin.weight.device))
+            # Per-head Hadamard on the values: each head's value vector becomes v H and, since the
+            # attention output of a head is a mix of its values, o_proj sees o H per head and undoes it.
+            kv_heads = attn.v_proj.out_features // head_dim
+            heads = attn.o_proj.in_features // head_dim
+            hv = h_head.to(attn.v_proj.weight.device)
+            _rotate_output(attn.v_proj, _per_head(hv, kv_heads))
+            _rotate_input(attn.o_proj, _per_head(hv, heads))
+            _rotate_output(attn.o_proj, q.to(attn.o_proj.weight.device))
+            if h_attn is not None:
+                ha = h_attn.to(attn.o_proj.weight.device)
+                _rotate_input(attn.o_proj, ha)
+                attn.o_proj = OnlineHadamardLinear(ha, attn.o_proj)
+                online.append({"module": f"layers.{i}.self_attn.o_proj", "transform": "hadamard", "size": width})
+            down = mlp.down_proj
+            hi = h_int.to(down.weight.device)
+            _rotate_input(down, hi)  # W H: the online x -> x H at the input cancels it
+            _rotate_output(down, q.to(down.weight.device))
+            mlp.down_proj = OnlineHadamardLinear(hi, down)
+            online.append({"module": f"layers.{i}.mlp.down_proj", "transform": "hadamard", "size": intermediate})
+    with visiting(adapter.lm_head, device) as head:
+        _rotate_input(head, q.to(head.weight.device))
     return {
         "seed": int(seed),
         "hidden": int(hidden),

@@ -13,6 +13,7 @@ import torch
 
 from qavtp.calibrate.artifact import fingerprint, save_artifact
 from qavtp.calibrate.kvcache import install_kv_quant
+from qavtp.calibrate.offload import describe, peak_mib, reset_peak, resolve_device
 from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches, parse_a8
 from qavtp.calibrate.quantizers import QuantSpec, check_group_size
 from qavtp.calibrate.stats import observe_vision
@@ -74,6 +75,7 @@ def run_calibration(
     kv_clip: float = 0.95,
     a8: str | None = None,
     vision_stats: bool = False,
+    device: str | None = None,
     seed: int = 0,
     retain: str | list[float] | None = None,
     fusion_samples: int = 64,
@@ -117,6 +119,7 @@ def run_calibration(
     check_objective(fusion_objective)
     if ratios:
         check_fusion_samples(fusion_samples)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     path = resolve(model, cache_dir)
     net, processor, adapter = load_model(path)
@@ -136,6 +139,7 @@ def run_calibration(
     hds = holdout_subset(ds, fusion_samples) if ratios and fusion_holdout else None
     held = (hds, dense_logprobs(net, processor, hds)) if hds is not None else None
     vision = observe_vision(adapter, batches) if vision_stats else None
+    reset_peak(dev)
     if kv_spec is not None:
         install_kv_quant(adapter, kv_spec)  # before the layers are calibrated: GPTQ sees the deployed attention
     record = calibrate_model(
@@ -151,7 +155,9 @@ def run_calibration(
         progress=progress,
         online_o_proj=online_o_proj,
         a8=eight,
+        device=dev,
     )
+    device_peak = peak_mib(dev)
     vspec = None
     if vocab_bits != 16:
         # Before the fusion weights are learned: they must see the model that will be deployed.
@@ -187,6 +193,8 @@ def run_calibration(
             **({"vision_stats": vision} if vision else {}),
             "seconds": seconds,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "device": describe(dev),
+            **({"device_peak_mib": device_peak} if device_peak is not None else {}),
         },
     }
     if fusion is not None:

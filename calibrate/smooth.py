@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from qavtp.calibrate.offload import visiting
 from qavtp.calibrate.rotation import norm_groups
 from qavtp.calibrate.stats import capture_layer_inputs, observe_layer, run_layer
 from qavtp.errors import QavtpError
@@ -72,17 +73,20 @@ def smooth_model(adapter: Adapter, act_absmax: Mapping[str, torch.Tensor], alpha
 
 
 @torch.no_grad()
-def collect_input_absmax(adapter: Adapter, batches: Iterable[Mapping]) -> dict[str, torch.Tensor]:
+def collect_input_absmax(
+    adapter: Adapter, batches: Iterable[Mapping], device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
     """Per-input-channel absmax of every ``nn.Linear`` in the decoder layers, over all real tokens.
 
     ``batches`` yields keyword arguments for the model's forward (e.g. ``qavtp.evaluate.encode``
     output); padding positions are skipped. Layer by layer, with the same machinery as the
-    calibration statistics.
+    calibration statistics (and, with ``device``, the same offload).
     """
-    inputs = capture_layer_inputs(adapter, batches)
+    inputs = capture_layer_inputs(adapter, batches, device)
     out: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(adapter.decoder_layers):
-        stats, _ = observe_layer(layer, f"layers.{i}", inputs)
-        out.update({name: st.channel_absmax for name, st in stats.items()})
-        inputs = run_layer(layer, inputs)
+        with visiting(layer, device):
+            stats, _ = observe_layer(layer, f"layers.{i}", inputs)
+            out.update({name: st.channel_absmax.cpu() for name, st in stats.items()})
+            inputs = run_layer(layer, inputs)
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qavtp.calibrate.offload import shell_visiting, to_device
 from qavtp.calibrate.quantizers import HessianAccumulator
 from qavtp.errors import QavtpError
 
@@ -60,14 +61,19 @@ def capture_inputs(model_call, layer: nn.Module) -> tuple[torch.Tensor, dict]:
 
 
 @torch.no_grad()
-def capture_layer_inputs(adapter, batches: Iterable[dict]) -> list[LayerInput]:
-    """The hidden states (and mask/positions) entering decoder layer 0, one entry per batch."""
+def capture_layer_inputs(adapter, batches: Iterable[dict], device: torch.device | None = None) -> list[LayerInput]:
+    """The hidden states (and mask/positions) entering decoder layer 0, one entry per batch.
+
+    With ``device`` (:mod:`qavtp.calibrate.offload`) they are computed and kept there.
+    """
     captured: list[LayerInput] = []
-    for batch in batches:
-        hidden, kwargs = capture_inputs(lambda b=batch: adapter.model(**b), adapter.decoder_layers[0])
-        mask = batch.get("attention_mask")
-        keep = {k: kwargs[k] for k in _LAYER_KWARGS if k in kwargs}
-        captured.append(LayerInput(hidden.detach(), keep, mask.bool() if mask is not None else None))
+    with shell_visiting(adapter, device):
+        for batch in batches:
+            batch = to_device(batch, device)
+            hidden, kwargs = capture_inputs(lambda b=batch: adapter.model(**b), adapter.decoder_layers[0])
+            mask = batch.get("attention_mask")
+            keep = {k: kwargs[k] for k in _LAYER_KWARGS if k in kwargs}
+            captured.append(LayerInput(hidden.detach(), keep, mask.bool() if mask is not None else None))
     if not captured:
         raise QavtpError("the calibration set is empty")
     return captured
@@ -110,7 +116,7 @@ class InputStats:
     def summary(self) -> dict:
         tok = torch.cat(self.token_absmax)
         vals = torch.cat(self.sample)
-        q = torch.quantile(vals[: 2**24], torch.tensor([p / 100 for p in PERCENTILES]))
+        q = torch.quantile(vals[: 2**24], torch.tensor([p / 100 for p in PERCENTILES], device=vals.device))
         cm = self.channel_absmax
         return {
             "tokens": self.n_tokens,
@@ -175,7 +181,7 @@ def observe_layer(
         full = f"{prefix}.{name}"
         stats[full] = InputStats()
         if hessians:
-            hess[full] = HessianAccumulator(lin.in_features)
+            hess[full] = HessianAccumulator(lin.in_features, device=lin.weight.device)
 
         def hook(mod, args, full=full):
             x = args[0]

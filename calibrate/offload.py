@@ -1,0 +1,104 @@
+"""Layer-by-layer offload to an accelerator (``qavtp calibrate --device cuda``).
+
+The model stays in host memory. The work that touches every parameter once (the rotations, the
+statistics, GPTQ, the quantization itself) visits the accelerator one decoder layer at a time, as in
+the GPTQ and QuaRot reference code: peak accelerator memory is one decoder layer, the calibration
+set's hidden states and, while the inputs of layer 0 are captured, the model minus its decoder layers
+(vision tower, projector, embeddings, head). So a 7B/13B model calibrates on one GPU however little of
+its float32 weights (28 GB for 7B, 52 GB for 13B) would fit there beside the activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from qavtp.errors import QavtpError
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device | None:
+    """``--device``: ``None``/``cpu`` run in place; ``cuda``, ``cuda:1``, ... must exist."""
+    if name is None or isinstance(name, torch.device):
+        return name
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise QavtpError(f"--device {name!r} is not a torch device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        raise QavtpError(f"--device {name!r}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise QavtpError(f"--device {name!r}: torch sees no CUDA device (torch {torch.__version__})")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise QavtpError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
+def describe(device: torch.device | None) -> str:
+    if device is None:
+        return "cpu"
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def home_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@contextmanager
+def visiting(module: nn.Module, device: torch.device | None) -> Iterator[nn.Module]:
+    """``module`` on ``device`` inside the block, back where it was after (also when the block raises).
+
+    Modules created inside the block on ``device`` (the quantized linears that replace the float ones)
+    travel back with it.
+    """
+    if device is None:
+        yield module
+        return
+    home = home_of(module)
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+@contextmanager
+def shell_visiting(adapter, device: torch.device | None) -> Iterator[None]:
+    """Every module of the model except the decoder layers on ``device`` inside the block."""
+    if device is None:
+        yield
+        return
+    home = home_of(adapter.model)
+    inner = {id(m) for m in adapter.decoder_layers.modules()}
+    shell = [m for m in adapter.model.modules() if id(m) not in inner]
+    try:
+        for m in shell:
+            m._apply(lambda t: t.to(device), recurse=False)
+        yield
+    finally:
+        for m in shell:
+            m._apply(lambda t: t.to(home), recurse=False)
+
+
+def to_device(batch: Mapping, device: torch.device | None) -> dict:
+    if device is None:
+        return dict(batch)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def reset_peak(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device | None) -> float | None:
+    """Peak memory torch allocated on ``device`` since :func:`reset_peak` (None on the CPU)."""
+    if device is None or device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
