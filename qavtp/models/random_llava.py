@@ -44,8 +44,13 @@ def make_random_llava(
     image_token_id: int | None = None,
     seed: int = 0,
     vision_feature_layer: int = -2,
+    init_device: str = "cpu",
+    save_dtype: torch.dtype | None = None,
 ) -> Path:
-    """Save a random ``LlavaForConditionalGeneration`` and its processor as standard HF files."""
+    """Save a random ``LlavaForConditionalGeneration`` and its processor as standard HF files.
+
+    ``init_device="cuda"`` draws a 7B model's weights in seconds instead of minutes; ``save_dtype=torch.float16``
+    stores it as llava-hf's checkpoints are stored (half the disk)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = {
@@ -79,7 +84,10 @@ def make_random_llava(
         tie_word_embeddings=text["tie_word_embeddings"],
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    with torch.device(init_device):
+        model = LlavaForConditionalGeneration(config).eval()
+    if save_dtype is not None:
+        model.to(save_dtype)
     processor = build_processor(tokenizer, image_size=vision["image_size"], patch_size=vision["patch_size"])
     out = Path(out_dir)
     model.save_pretrained(out)
