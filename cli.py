@@ -101,6 +101,20 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("--aasym", is_flag=True, help="Asymmetric activations (default symmetric).")
 @click.option("--aclip", type=float, default=1.0, show_default=True, help="Activation clipping ratio in (0, 1].")
 @click.option("--gptq", is_flag=True, help="GPTQ instead of round-to-nearest weights.")
+@click.option(
+    "--fp-align",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="GPTAQ-style asymmetric calibration: quantize, instead of each float weight, the one that maps the quantized "
+    "model's inputs onto the floating-point model's outputs, this much of the correction (0: off, 1: all of it).",
+)
+@click.option(
+    "--sequential",
+    is_flag=True,
+    help="Quantize each layer's q/k/v, o, gate/up, down in turn, each observed with the ones before it quantized "
+    "and (for GPTQ) on its activation-quantized inputs, as deployed.",
+)
 @click.option("--clip-search", is_flag=True, help="Search a per-group weight clipping ratio (MSE).")
 @click.option("--smooth-alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength.")
 @click.option(

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from qavtp.calibrate.offload import visiting
-from qavtp.calibrate.quantizers import QuantLinear, QuantSpec
+from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, fake_quant_activation, fp_aligned_weight
 from qavtp.calibrate.rotation import rotate_model
 from qavtp.calibrate.smooth import collect_input_absmax, smooth_model
 from qavtp.calibrate.stats import capture_layer_inputs, linear_modules, observe_layer, run_layer
@@ -57,6 +59,19 @@ def act_spec_for(full: str, aspec: QuantSpec | None, a8: tuple[set[str], set[int
     return aspec
 
 
+# The order in which a decoder layer's linears feed one another: QuaRot's and GPTQ's "true sequential" order.
+SEQUENTIAL = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def sequential_groups(names: Iterable[str]) -> list[list[str]]:
+    """``names`` (``self_attn.q_proj``, ``mlp.down_proj.linear``, ...) grouped in :data:`SEQUENTIAL` order;
+    a linear of no known projection comes last, alone."""
+    names = list(names)
+    groups = [[n for n in names if set(n.split(".")) & set(g)] for g in SEQUENTIAL]
+    known = {n for g in groups for n in g}
+    return [g for g in groups if g] + [[n] for n in names if n not in known]
+
+
 def calibration_batches(processor, dataset, batch_size: int = 8) -> list[dict]:
     """Prompt + answer sequences, as the model sees them in a conversation."""
     if len(dataset) == 0:
@@ -90,6 +105,8 @@ def calibrate_model(
     online_o_proj: bool = False,
     a8: tuple[set[str], set[int]] | None = None,
     device: torch.device | None = None,
+    sequential: bool = False,
+    fp_align: float = 0.0,
 ) -> dict:
     """Transform the LLM (``method``), then quantize every decoder linear in place.
 
@@ -100,7 +117,12 @@ def calibrate_model(
     done (transforms, per-linear input statistics) for the artifact. ``a8`` (:func:`parse_a8`) keeps 8-bit inputs at
     the linears it selects (mixed precision); the record lists them under ``a8_linears``. With ``device``
     the model stays where it is and each decoder layer visits ``device`` for its work
-    (:mod:`qavtp.calibrate.offload`).
+    (:mod:`qavtp.calibrate.offload`). ``sequential`` quantizes each layer's linears in :data:`SEQUENTIAL` order,
+    each group observed (statistics, GPTQ Hessians on activation-quantized inputs) with the groups before it
+    already quantized, as QuaRot's GPTQ does; otherwise one pass observes the whole float layer. ``fp_align`` > 0
+    also carries the floating-point model's hidden states along and quantizes, instead of each float weight,
+    the one that maps the quantized model's inputs onto the floating-point model's outputs
+    (:func:`~qavtp.calibrate.quantizers.fp_aligned_weight`, scaled by ``fp_align``; GPTAQ's asymmetric calibration).
     """
     if method not in METHODS:
         raise QavtpError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -113,7 +135,10 @@ def calibrate_model(
         record["transforms"]["smooth"] = {"alpha": smooth_alpha, "layers": sorted(scales)}
     elif method == "quarot":
         record["transforms"]["rotation"] = rotate_model(adapter, seed, online_o_proj, device)
+    if fp_align < 0:
+        raise QavtpError(f"--fp-align must be >= 0, got {fp_align}")
     inputs = capture_layer_inputs(adapter, batches, device)
+    ref_inputs = inputs if fp_align else None  # the floating-point model's stream: the same until layer 0 runs
     stats_out: dict[str, dict] = {}
     quantized: list[str] = []
     eight: list[str] = []
@@ -121,24 +146,43 @@ def calibrate_model(
     bar = tqdm(list(enumerate(layers)), desc="calibrating decoder layers", unit="layer", disable=not progress)
     for i, layer in bar:
         with visiting(layer, device):
-            stats, hess = observe_layer(layer, f"layers.{i}", inputs, hessians=gptq)
-            for name, lin in list(linear_modules(layer)):
-                full = f"layers.{i}.{name}"
-                stats_out[full] = stats[full].summary()
-                spec = act_spec_for(full, aspec, a8)
-                if spec is not aspec:
-                    eight.append(full)
-                ql = QuantLinear.from_linear(
-                    lin,
-                    wspec,
-                    spec,
-                    method="gptq" if gptq else "rtn",
-                    H=hess[full].hessian() if gptq else None,
-                    clip_search=clip_search,
+            ref_layer = copy.deepcopy(layer) if fp_align else None
+            linears = dict(linear_modules(layer))
+            specs = {name: act_spec_for(f"layers.{i}.{name}", aspec, a8) for name in linears}
+            for group in sequential_groups(linears) if sequential else [list(linears)]:
+                # Sequential: each group's Hessians see the deployed inputs, i.e. the earlier groups already
+                # quantized and this group's own activation quantizer applied.
+                act = {f"layers.{i}.{n}": partial(fake_quant_activation, spec=specs[n]) for n in group if specs[n]}
+                stats, hess = observe_layer(
+                    layer,
+                    f"layers.{i}",
+                    inputs,
+                    hessians=gptq or bool(fp_align),
+                    names=group,
+                    act_quant=act if sequential else None,
+                    reference=(ref_layer, ref_inputs) if fp_align else None,
                 )
-                _set_module(layer, name, ql)
-                quantized.append(full)
+                for name in group:
+                    full = f"layers.{i}.{name}"
+                    stats_out[full] = stats[full].summary()
+                    if specs[name] is not aspec:
+                        eight.append(full)
+                    if fp_align:
+                        lin, acc = linears[name], hess[full]
+                        lin.weight.copy_(fp_aligned_weight(lin.weight, acc.hessian(), acc.cross_term(), fp_align))
+                    ql = QuantLinear.from_linear(
+                        linears[name],
+                        wspec,
+                        specs[name],
+                        method="gptq" if gptq else "rtn",
+                        H=hess[full].hessian() if gptq else None,
+                        clip_search=clip_search,
+                    )
+                    _set_module(layer, name, ql)
+                    quantized.append(full)
             inputs = run_layer(layer, inputs)
+            if ref_layer is not None:
+                ref_inputs = run_layer(ref_layer, ref_inputs)
     record["quantized"] = quantized
     if eight:
         record["a8_linears"] = eight

@@ -204,22 +204,55 @@ class HessianAccumulator:
         self.sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.n = 0
 
-    def add(self, x: Tensor) -> None:
-        """Add inputs of shape ``[..., in]``; every leading index is one row."""
+        self.cross: Tensor | None = None
+
+    def _rows(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise QavtpError(f"Hessian expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        rows = x.detach().reshape(-1, self.in_features).to(device=self.sum.device, dtype=self.sum.dtype)
+        return x.detach().reshape(-1, self.in_features).to(device=self.sum.device, dtype=self.sum.dtype)
+
+    def add(self, x: Tensor, reference: Tensor | None = None) -> None:
+        """Add inputs of shape ``[..., in]``; every leading index is one row. ``reference``, the same rows as the
+        floating-point model sees them, also accumulates ``C = 2/n * sum_t (r_t - x_t) x_t^T``
+        (:func:`fp_aligned_weight`)."""
+        rows = self._rows(x)
         self.sum.addmm_(rows.T, rows)
         self.n += rows.shape[0]
+        if reference is not None:
+            delta = self._rows(reference) - rows
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.sum)
+            self.cross.addmm_(delta.T, rows)
 
     def hessian(self) -> Tensor:
         if self.n == 0:
             raise QavtpError("no layer inputs were accumulated, so there is no Hessian for GPTQ")
         return self.sum * (2.0 / self.n)
 
+    def cross_term(self) -> Tensor | None:
+        return None if self.cross is None else self.cross * (2.0 / self.n)
+
     def attach(self, linear: nn.Module) -> RemovableHandle:
         """Record every input of ``linear`` from now on; call ``.remove()`` on the handle to stop."""
         return linear.register_forward_pre_hook(lambda _m, args: self.add(args[0]))
+
+
+def fp_aligned_weight(w: Tensor, H: Tensor, C: Tensor, alpha: float = 1.0, percdamp: float = 0.01) -> Tensor:
+    """The float weight that best maps the quantized model's inputs onto the floating-point model's outputs.
+
+    With ``X`` the floating-point model's inputs to this linear and ``X~`` the quantized model's (rows are
+    tokens), ``min_W' |X W^T - X~ W'^T|`` is solved by ``W' = W + W C H^-1`` where ``H = 2/n X~^T X~`` and
+    ``C = 2/n (X - X~)^T X~``; ``|X W^T - X~ Q^T|^2 = |X~ (W' - Q)^T|^2 + const``, so GPTQ (or RTN) of ``W'``
+    with ``H`` minimises the error against the floating-point outputs, which is GPTAQ's "asymmetric
+    calibration". ``H`` is dampened as in GPTQ (a ridge); ``alpha`` scales the correction (0: plain ``W``).
+    """
+    H = H.detach().to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    # W C H^-1 = (H^-1 C^T W^T)^T, H symmetric positive definite.
+    corr = torch.linalg.solve(H, C.to(H).T @ w.detach().to(H).T).T
+    return (w.detach().to(torch.float64) + alpha * corr).to(w.dtype)
 
 
 def gptq_quantize(

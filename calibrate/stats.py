@@ -8,7 +8,7 @@ memory is one layer's activations for the calibration set plus the model, which 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -167,17 +167,30 @@ def linear_modules(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 @torch.no_grad()
 def observe_layer(
-    layer: nn.Module, prefix: str, inputs: list[LayerInput], hessians: bool = False
+    layer: nn.Module,
+    prefix: str,
+    inputs: list[LayerInput],
+    hessians: bool = False,
+    names: Collection[str] | None = None,
+    act_quant: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    reference: tuple[nn.Module, list[LayerInput]] | None = None,
 ) -> tuple[dict[str, InputStats], dict[str, HessianAccumulator]]:
-    """Statistics (and GPTQ Hessians) of every linear's input in ``layer``, over ``inputs``.
+    """Statistics (and GPTQ Hessians) of the inputs of ``layer``'s linears (those in ``names``, else every
+    ``nn.Linear``), over ``inputs``.
 
-    Padding positions are excluded, so statistics do not depend on how batches were padded.
+    Padding positions are excluded, so statistics do not depend on how batches were padded. ``act_quant`` maps
+    a linear's full name to the activation quantizer its Hessian should see (the deployed input); the
+    statistics always describe the unquantized input. ``reference`` is the same layer in floating point and its
+    inputs in the floating-point model, batch for batch: the Hessians then also accumulate the cross term of
+    :func:`qavtp.calibrate.quantizers.fp_aligned_weight`.
     """
     stats: dict[str, InputStats] = {}
     hess: dict[str, HessianAccumulator] = {}
     current_mask: list[torch.Tensor | None] = [None]
     handles = []
     for name, lin in linear_modules(layer):
+        if names is not None and name not in names:
+            continue
         full = f"{prefix}.{name}"
         stats[full] = InputStats()
         if hessians:
@@ -188,14 +201,35 @@ def observe_layer(
             m = current_mask[0]
             stats[full].add(x, m, full)
             if full in hess:
-                hess[full].add(x.reshape(-1, x.shape[-1])[m.reshape(-1)] if m is not None else x)
+                q = act_quant.get(full) if act_quant else None
+                xq = q(x) if q is not None else x
+                hess[full].add(_real_rows(xq, m), fp_rows.pop(full, None))
 
         handles.append(lin.register_forward_pre_hook(hook))
+    fp_rows: dict[str, torch.Tensor] = {}  # the reference layer's inputs for the current batch
+    ref_layer, ref_inputs = reference if reference is not None else (None, None)
+    if ref_layer is not None:
+        for name, lin in linear_modules(ref_layer):
+            full = f"{prefix}.{name}"
+            if full in hess:
+
+                def ref_hook(mod, args, full=full):
+                    fp_rows[full] = _real_rows(args[0], current_mask[0])
+
+                handles.append(lin.register_forward_pre_hook(ref_hook))
     try:
-        for x in inputs:
+        for j, x in enumerate(inputs):
             current_mask[0] = x.mask
+            if ref_layer is not None:
+                r = ref_inputs[j]
+                ref_layer(r.hidden, **r.kwargs)
             layer(x.hidden, **x.kwargs)
     finally:
         for h in handles:
             h.remove()
     return stats, hess
+
+
+def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    return x[mask.reshape(-1)] if mask is not None else x

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from safetensors import safe_open
 
 from qavtp.calibrate.artifact import fingerprint, load_artifact, read_config
 from qavtp.calibrate.kvcache import KV_ATTENTION
-from qavtp.calibrate.pipeline import calibrate_model, calibration_batches
-from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec
+from qavtp.calibrate.pipeline import calibrate_model, calibration_batches, sequential_groups
+from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec, fake_quant_activation
 from qavtp.calibrate.rotation import rotate_model
 from qavtp.calibrate.run import run_calibration
 from qavtp.calibrate.stats import InputStats, capture_layer_inputs, observe_layer
@@ -89,6 +90,72 @@ def test_w8a8_stays_close_and_w4a4_degrades(tiny_llava_dir, calib, probe, method
         errs[bits] = _rel(_logits(model, probe), ref)
     assert errs[8] < 0.05
     assert errs[4] > 2 * errs[8]
+
+
+def test_sequential_groups_follow_the_data_flow():
+    names = [
+        "mlp.down_proj.linear",
+        "mlp.up_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "self_attn.q_proj",
+        "extra.proj",
+        "self_attn.v_proj",
+        "self_attn.k_proj",
+    ]
+    assert sequential_groups(names) == [
+        ["self_attn.q_proj", "self_attn.v_proj", "self_attn.k_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.up_proj", "mlp.gate_proj"],
+        ["mlp.down_proj.linear"],
+        ["extra.proj"],
+    ]
+
+
+def test_sequential_hessians_see_the_quantized_inputs(tiny_llava_dir, calib, probe):
+    _, _, adapter = load_model(tiny_llava_dir)
+    inputs = capture_layer_inputs(adapter, calib)
+    layer, name = adapter.decoder_layers[0], "layers.0.self_attn.q_proj"
+    spec = QuantSpec(4, False, 16)
+    quant = {name: partial(fake_quant_activation, spec=spec)}
+    st, h_q = observe_layer(layer, "layers.0", inputs, hessians=True, names=["self_attn.q_proj"], act_quant=quant)
+    _, h_f = observe_layer(layer, "layers.0", inputs, hessians=True, names=["self_attn.q_proj"])
+    assert set(st) == {name}
+    with torch.no_grad():
+        rows = [layer.input_layernorm(x.hidden)[x.mask] for x in inputs]
+    xq = fake_quant_activation(torch.cat(rows), spec).double()
+    torch.testing.assert_close(h_q[name].hessian(), 2 * xq.T @ xq / len(xq))
+    assert not torch.allclose(h_q[name].hessian(), h_f[name].hessian())
+    # End to end: every linear quantized, in data-flow order, and not the one-pass result.
+    specs = (QuantSpec(4, True, 16), QuantSpec(4, False, 16))
+    models = []
+    for seq in (False, True):
+        model, _, adapter = load_model(tiny_llava_dir)
+        rec = calibrate_model(adapter, calib, "quarot", *specs, gptq=True, progress=False, sequential=seq)
+        models.append(model)
+    assert [q.split(".", 2)[2] for q in rec["quantized"][:7]] == [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj.linear",
+    ]
+    assert (_logits(models[0], probe) - _logits(models[1], probe)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_fp_alignment_brings_the_quantized_model_closer_to_float(tiny_llava_dir, calib, probe, gptq):
+    ref_model, _, _ = load_model(tiny_llava_dir)
+    ref = _logits(ref_model, probe)
+    specs = (QuantSpec(4, True, 16), QuantSpec(4, False, 16))
+    errs = {}
+    for alpha in (0.0, 1.0):
+        model, _, adapter = load_model(tiny_llava_dir)
+        calibrate_model(adapter, calib, "quarot", *specs, gptq=gptq, progress=False, sequential=True, fp_align=alpha)
+        errs[alpha] = _rel(_logits(model, probe), ref)
+    assert errs[1.0] < errs[0.0], errs
 
 
 OFFLOAD_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -16,6 +16,7 @@ from qavtp.calibrate.quantizers import (
     check_group_size,
     dequantize_weight,
     fake_quant_activation,
+    fp_aligned_weight,
     gptq_quantize,
     pack_int4,
     quant_error,
@@ -396,3 +397,22 @@ def test_pack_int4_layout_low_nibble_first_twos_complement():
         pack_int4(torch.tensor([16]))
     with pytest.raises(QavtpError, match="cannot unpack 5 int4 codes from 2 bytes"):
         unpack_int4(torch.zeros(2, dtype=torch.uint8), signed=True, n=5)
+
+
+def test_fp_aligned_weight_maps_quantized_inputs_onto_float_outputs():
+    """``W'`` from the accumulated ``H`` and ``C`` is the least-squares map from ``X~`` to ``X W^T``."""
+    g = torch.Generator().manual_seed(0)
+    n, d, out = 4000, 32, 8
+    x = torch.randn(n, d, generator=g)
+    drift = torch.eye(d) + 0.2 * torch.randn(d, d, generator=g)  # the quantized model's inputs drift away
+    x_tilde = x @ drift + 0.05 * torch.randn(n, d, generator=g)
+    w = torch.randn(out, d, generator=g)
+    acc = HessianAccumulator(d)
+    for rows, ref in zip(x_tilde.split(1000), x.split(1000), strict=True):
+        acc.add(rows, ref)
+    aligned = fp_aligned_weight(w, acc.hessian(), acc.cross_term(), percdamp=1e-9)
+    lstsq = torch.linalg.lstsq(x_tilde.double(), (x @ w.T).double()).solution.T
+    torch.testing.assert_close(aligned.double(), lstsq, rtol=1e-4, atol=1e-4)
+    target = x @ w.T
+    assert (x_tilde @ aligned.T - target).norm() < 0.2 * (x_tilde @ w.T - target).norm()
+    torch.testing.assert_close(fp_aligned_weight(w, acc.hessian(), acc.cross_term(), alpha=0.0), w)
