@@ -1,11 +1,12 @@
 """Paired accuracy differences between pruning runs on the same questions (issue 4's comparisons).
 
     python bench/paired_diff.py runs/main2/sweep/results.json runs/exp/sem_k2/results.json [--ref qavtp]
+    python bench/paired_diff.py A-eval/results.json B-eval/results.json ...   (plain ``qavtp eval`` runs)
 
 Reads the ``results.json`` of one or more ``qavtp eval --retain ... --scorer ...`` sweeps over the same questions
 (same data, limit and seed) and prints, per retention ratio, ``ref - other`` for every other run: the mean of the
 per-question difference of correctness, ± 1.96 standard errors (a paired interval, much tighter than the two
-accuracies' own intervals).
+accuracies' own intervals). Given plain evaluations (no sweep), it compares every other file with the first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def main() -> None:
     ap.add_argument("results", nargs="+", help="results.json files of qavtp eval sweeps")
     ap.add_argument("--ref", default="qavtp", help="the scorer the others are compared with")
     args = ap.parse_args()
+    docs = [json.loads(Path(p).read_text()) for p in args.results]
+    if all("predictions" in d for d in docs):
+        plain(args.results, docs)
+        return
     runs = []
     for path in args.results:
         for run in json.loads(Path(path).read_text())["runs"]:
@@ -46,6 +51,21 @@ def main() -> None:
             m, h = paired(ref["correct"], run["correct"])
             diff = f"{100 * m:+.1f} ± {100 * h:.1f}"
             lines.append(f"| {rho:g} | {args.ref} − {label} | {100 * run['accuracy']:.1f} | {diff} |")
+    print("\n".join(lines))
+
+
+def plain(paths: list[str], docs: list[dict]) -> None:
+    """Every evaluation against the first, question by question."""
+    ref = [p["correct"] for p in docs[0]["predictions"]]
+    lines = [
+        f"reference: {paths[0]} ({100 * docs[0]['accuracy']:.1f} %)",
+        "",
+        "| other | accuracy | other − reference |",
+    ]
+    lines.append("|---|---:|---:|")
+    for path, doc in zip(paths[1:], docs[1:], strict=True):
+        m, h = paired([p["correct"] for p in doc["predictions"]], ref)
+        lines.append(f"| {path} | {100 * doc['accuracy']:.1f} | {100 * m:+.1f} ± {100 * h:.1f} |")
     print("\n".join(lines))
 
 

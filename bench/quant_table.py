@@ -44,6 +44,17 @@ INVESTIGATE = {
     "W4A4 QuaRot + GPTQ, asym acts g16, 4-bit vocab, gate/up inputs A8": [
         *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--a8", "gate_proj,up_proj")
     ],
+    "W4A4 QuaRot + GPTQ sequential, asym acts g16, 4-bit vocab": [
+        *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--sequential")
+    ],
+    "W4A4 QuaRot + GPTQ sequential, FP-aligned 0.25, asym acts g16, 4-bit vocab": [
+        *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--sequential"),
+        *("--fp-align", "0.25"),
+    ],
+    "W4A4 QuaRot + GPTQ sequential, FP-aligned 1, asym acts g16, 4-bit vocab": [
+        *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--sequential"),
+        *("--fp-align", "1"),
+    ],
     "W4A4KV4 QuaRot + GPTQ, asym acts g16, 4-bit vocab": [
         *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--kv-bits", "4")
     ],
