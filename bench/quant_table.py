@@ -51,6 +51,10 @@ INVESTIGATE = {
         *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--sequential"),
         *("--fp-align", "0.25"),
     ],
+    "W4A4 QuaRot + GPTQ sequential, FP-aligned 0.5, asym acts g16, 4-bit vocab": [
+        *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--sequential"),
+        *("--fp-align", "0.5"),
+    ],
     "W4A4 QuaRot + GPTQ sequential, FP-aligned 1, asym acts g16, 4-bit vocab": [
         *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--sequential"),
         *("--fp-align", "1"),

@@ -23,6 +23,11 @@ from qavtp.errors import QavtpError
 from qavtp.evaluate import encode
 from qavtp.models.loading import load_model
 
+# A LLaMA decoder layer's linears, in data-flow order.
+LINEARS = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+    f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")
+]
+
 
 @pytest.fixture(scope="module")
 def calib(tiny_llava_dir):
@@ -52,15 +57,7 @@ def test_statistics_ignore_padding_and_see_every_linear(tiny_llava_dir, calib):
     assert len(inputs) == len(calib)
     stats, hess = observe_layer(adapter.decoder_layers[0], "layers.0", inputs, hessians=True)
     names = {n.split(".", 2)[2] for n in stats}
-    assert names == {
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    }
+    assert names == set(LINEARS)
     real = sum(int(b["attention_mask"].sum()) for b in calib)
     s = stats["layers.0.self_attn.q_proj"].summary()
     assert s["tokens"] == real
@@ -133,15 +130,7 @@ def test_sequential_hessians_see_the_quantized_inputs(tiny_llava_dir, calib, pro
         model, _, adapter = load_model(tiny_llava_dir)
         rec = calibrate_model(adapter, calib, "quarot", *specs, gptq=True, progress=False, sequential=seq)
         models.append(model)
-    assert [q.split(".", 2)[2] for q in rec["quantized"][:7]] == [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj.linear",
-    ]
+    assert [q.split(".", 2)[2] for q in rec["quantized"][:7]] == [*LINEARS[:-1], "mlp.down_proj.linear"]
     assert (_logits(models[0], probe) - _logits(models[1], probe)).abs().max() > 1e-4
 
 
