@@ -141,8 +141,8 @@ class Decoder:
     def name(self, m: nn.Module) -> str:
         return self.names[id(m)]
 
-    def linear(self, x: str, m: nn.Module) -> str:
-        return linear(self.g, x, m, self.name(m), self.fmt, self.acc)
+    def linear(self, x: str, m: nn.Module, act: bool = True) -> str:
+        return linear(self.g, x, m, self.name(m), self.fmt, self.acc, act)
 
     def embed(self, ids: str) -> str:
         emb = self.adapter.embed_tokens

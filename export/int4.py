@@ -85,11 +85,14 @@ def _bias(g: Graph, y: str, bias: torch.Tensor | None, name: str) -> str:
     return y if bias is None else g.op("Add", y, g.weight(f"{name}.bias", np32(bias)))
 
 
-def quant_linear(g: Graph, x: str, m: QuantLinear, name: str, fmt: str, accuracy_level: int = 0) -> str:
-    """``F.linear(Qa(x), dequant(W), b)``: the module's own activation quantizer first, as in torch."""
+def quant_linear(
+    g: Graph, x: str, m: QuantLinear, name: str, fmt: str, accuracy_level: int = 0, act: bool = True
+) -> str:
+    """``F.linear(Qa(x), dequant(W), b)``: the module's own activation quantizer first, as in torch (unless
+    ``act`` is false: the pruning scorer reads attention with the weights alone)."""
     if m.wspec.bits not in (4, 8):
         raise QavtpError(f"{name}: {m.wspec.bits}-bit weights cannot be exported (ONNX has 4- and 8-bit types)")
-    if m.aspec is not None:
+    if m.aspec is not None and act:
         x = fake_quant(g, x, m.aspec, m.in_features, qdq_ops=fmt == "ort")
     block = check_group_size(m.in_features, m.wspec.group_size)
     if fmt == "ort" and m.wspec.bits == 4:
@@ -157,13 +160,14 @@ def hadamard(g: Graph, x: str, n: int) -> str:
     return g.op("Reshape", g.op("Transpose", Y, perm=[0, 1, 3, 2]), g.const([0, 0, n], np.int64))
 
 
-def linear(g: Graph, x: str, m: nn.Module, name: str, fmt: str, accuracy_level: int = 0) -> str:
-    """Any linear the decoder holds: plain, quantized, or with an online Hadamard on its input."""
+def linear(g: Graph, x: str, m: nn.Module, name: str, fmt: str, accuracy_level: int = 0, act: bool = True) -> str:
+    """Any linear the decoder holds: plain, quantized, or with an online Hadamard on its input. ``act=False``
+    leaves out the activation quantizer."""
     if isinstance(m, OnlineHadamardLinear):
         # The torch module computes linear(x @ H): the rotation comes before the activation quantizer.
-        return linear(g, hadamard(g, x, m.in_features), m.linear, f"{name}.linear", fmt, accuracy_level)
+        return linear(g, hadamard(g, x, m.in_features), m.linear, f"{name}.linear", fmt, accuracy_level, act)
     if isinstance(m, QuantLinear):
-        return quant_linear(g, x, m, name, fmt, accuracy_level)
+        return quant_linear(g, x, m, name, fmt, accuracy_level, act)
     if isinstance(m, nn.Linear):
         return fp_linear(g, x, m, name)
     raise QavtpError(f"{name}: cannot export a {type(m).__name__} as a linear layer")

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from qavtp.calibrate.quantizers import QuantSpec, quant_error
+from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, quant_error
 from qavtp.calibrate.stats import capture_inputs
 from qavtp.errors import QavtpError
 from qavtp.evaluate import position_ids as left_padded_positions
@@ -105,6 +106,14 @@ def _rope_fn(attn: nn.Module):
 # ----------------------------------------------------------------------------------------- semantic
 
 
+def _weights_only(linear: nn.Module, x: Tensor) -> Tensor:
+    """``linear(x)`` without its activation quantizer, if it has one."""
+    if isinstance(linear, QuantLinear):
+        bias = None if linear.bias is None else linear.bias.to(x.dtype)
+        return F.linear(x, linear.weight.to(x.dtype), bias)
+    return linear(x)
+
+
 @torch.no_grad()
 def text_attention(
     adapter,
@@ -118,6 +127,10 @@ def text_attention(
 
     ``hidden_in`` is the input of layer K (see :func:`hidden_states_at`); ``attention_mask`` the ``[B, L]``
     padding mask; ``position_ids`` ``[B, L]``. Only the last query row is computed: it is all FastV uses.
+
+    The query and key projections use the layer's (possibly quantized) weights on unquantized activations: a
+    4-bit activation rounding that flips between torch and an ONNX runtime (the 4-bit embedding rows make exact
+    ties common) would otherwise change which tokens are kept.
     """
     layers = adapter.decoder_layers
     layer = layers[check_layer(len(layers), layer_idx)]
@@ -129,8 +142,8 @@ def text_attention(
         position_ids = left_padded_positions(attention_mask)
     h = layer.input_layernorm(hidden_in)
     head_dim = attn.head_dim
-    q = attn.q_proj(h[:, -1:]).view(B, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, hd]
-    k = attn.k_proj(h).view(B, L, -1, head_dim).transpose(1, 2)  # [B, H_kv, L, hd]
+    q = _weights_only(attn.q_proj, h[:, -1:]).view(B, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, hd]
+    k = _weights_only(attn.k_proj, h).view(B, L, -1, head_dim).transpose(1, 2)  # [B, H_kv, L, hd]
     # Some architectures (Qwen3, OLMo2) normalise q and k per head before RoPE.
     if getattr(attn, "q_norm", None) is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)

@@ -118,6 +118,25 @@ def test_text_attention_matches_eager(tiny, tiny_llava_dir, enc, K):
     torch.testing.assert_close(s, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_text_attention_reads_quantized_weights_without_the_activation_quantizer(tiny_llava_dir, enc):
+    """The relevance score must not hinge on a 4-bit activation rounding (which may flip in another runtime)."""
+    from qavtp.calibrate.pipeline import calibrate_model
+    from qavtp.calibrate.quantizers import QuantLinear, QuantSpec
+
+    model, processor, adapter = load_model(tiny_llava_dir)
+    calibrate_model(adapter, [enc], "rtn", QuantSpec(4, True, 16), QuantSpec(2, False, 16), progress=False)
+    hidden = hidden_states_at(adapter, enc, 0)
+    vis = adapter.visual_positions(enc["input_ids"])
+    scores = text_attention(adapter, hidden, 0, enc["attention_mask"], enc["position_ids"], vis)
+    attn = adapter.decoder_layers[0].self_attn
+    assert isinstance(attn.q_proj, QuantLinear) and attn.q_proj.aspec is not None
+    for m in (attn.q_proj, attn.k_proj):
+        m.aspec = None
+    torch.testing.assert_close(
+        scores, text_attention(adapter, hidden, 0, enc["attention_mask"], enc["position_ids"], vis), rtol=0, atol=0
+    )
+
+
 def test_cls_attention_matches_eager(tiny, tiny_llava_dir, enc):
     _, _, adapter = tiny
     eager = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, attn_implementation="eager").eval()
