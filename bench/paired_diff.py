@@ -29,10 +29,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="results.json files of qavtp eval sweeps")
     ap.add_argument("--ref", default="qavtp", help="the scorer the others are compared with")
+    ap.add_argument(
+        "--subset",
+        type=int,
+        default=0,
+        help="plain full-test runs: also split the questions into the seed-0 subset of this size (what "
+        "`qavtp eval --limit N` evaluates) and the rest",
+    )
     args = ap.parse_args()
     docs = [json.loads(Path(p).read_text()) for p in args.results]
     if all("predictions" in d for d in docs):
-        plain(args.results, docs)
+        plain(args.results, docs, args.subset)
         return
     runs = []
     for path in args.results:
@@ -54,18 +61,30 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def plain(paths: list[str], docs: list[dict]) -> None:
-    """Every evaluation against the first, question by question."""
-    ref = [p["correct"] for p in docs[0]["predictions"]]
-    lines = [
-        f"reference: {paths[0]} ({100 * docs[0]['accuracy']:.1f} %)",
-        "",
-        "| other | accuracy | other − reference |",
-    ]
-    lines.append("|---|---:|---:|")
-    for path, doc in zip(paths[1:], docs[1:], strict=True):
-        m, h = paired([p["correct"] for p in doc["predictions"]], ref)
-        lines.append(f"| {path} | {100 * doc['accuracy']:.1f} | {100 * m:+.1f} ± {100 * h:.1f} |")
+def plain(paths: list[str], docs: list[dict], subset: int = 0) -> None:
+    """Every evaluation against the first, question by question (and on a seed-0 subset and the rest)."""
+    by_index = [{p["index"]: int(p["correct"]) for p in d["predictions"]} for d in docs]
+    parts = [("all", sorted(by_index[0]))]
+    if subset:
+        from qavtp.data import load_data
+
+        n = len(by_index[0])
+        full = load_data(docs[0]["config"]["data"], docs[0]["config"]["split"])
+        if len(full) != n:
+            raise SystemExit(f"--subset needs full-split runs; these have {n} of {len(full)} questions")
+        chosen = set(full.add_column("_row", list(range(n))).shuffle(seed=0).select(range(subset))["_row"])
+        parts += [(f"the seed-0 {subset}", sorted(chosen)), ("the rest", sorted(set(range(n)) - chosen))]
+    lines = [f"reference: {paths[0]}", ""]
+    lines.append("| other | questions | n | reference % | other % | other − reference |")
+    lines.append("|---|---|---:|---:|---:|---:|")
+    for path, other in zip(paths[1:], by_index[1:], strict=True):
+        for name, idx in parts:
+            ref_c, oth_c = [by_index[0][i] for i in idx], [other[i] for i in idx]
+            m, h = paired(oth_c, ref_c)
+            lines.append(
+                f"| {path} | {name} | {len(idx)} | {100 * sum(ref_c) / len(idx):.2f} | "
+                f"{100 * sum(oth_c) / len(idx):.2f} | {100 * m:+.2f} ± {100 * h:.2f} |"
+            )
     print("\n".join(lines))
 
 

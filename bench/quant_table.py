@@ -47,6 +47,10 @@ INVESTIGATE = {
     "W4A4 QuaRot + GPTQ sequential, asym acts g16, 4-bit vocab": [
         *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--sequential")
     ],
+    "W4A4 QuaRot + GPTQ sequential, FP-aligned 0.1, asym acts g16, 4-bit vocab": [
+        *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--sequential"),
+        *("--fp-align", "0.1"),
+    ],
     "W4A4 QuaRot + GPTQ sequential, FP-aligned 0.25, asym acts g16, 4-bit vocab": [
         *("--method", "quarot", "--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--sequential"),
         *("--fp-align", "0.25"),
