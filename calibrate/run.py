@@ -105,6 +105,8 @@ def run_calibration(
         raise QavtpError(f"the calibration set is empty (--n-samples {n_samples})")
     if Path(output).exists() and not overwrite:
         raise QavtpError(f"output directory {output} exists; pass --overwrite to replace it")
+    if fp_align < 0:
+        raise QavtpError(f"--fp-align must be >= 0, got {fp_align}")
     if not 0 < smooth_alpha <= 1:
         raise QavtpError(f"--smooth-alpha must lie in (0, 1], got {smooth_alpha}")
     if wgroup != "auto":

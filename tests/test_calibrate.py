@@ -315,6 +315,7 @@ def test_bad_calibration_inputs(tiny_llava_dir, tmp_path):
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--a8", "mlp"]), "--a8 term 'mlp' is neither a projection")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--a8", "1-5"]), "not within the model's layers 0-1")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--a8", "0", "--abits", "8"]), "these are 8-bit")
+    _one_line_error(run(main, [*base, str(tmp_path / "a"), "--fp-align", "-0.5"]), "--fp-align must be >= 0")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--device", "meta"]), "only cpu and cuda are supported")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--device", "gpu0"]), "is not a torch device")
     if not torch.cuda.is_available():
