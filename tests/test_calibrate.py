@@ -151,15 +151,16 @@ OFFLOAD_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", OFFLOAD_DEVICES)
-@pytest.mark.parametrize("method", ["smoothquant", "quarot"])
-def test_layer_offload_gives_the_in_place_calibration(tiny_llava_dir, calib, probe, device, method):
+@pytest.mark.parametrize("method,aligned", [("smoothquant", False), ("quarot", False), ("quarot", True)])
+def test_layer_offload_gives_the_in_place_calibration(tiny_llava_dir, calib, probe, device, method, aligned):
     """``calibrate_model(device=...)``: each layer visits the device and comes back; the model ends where it
     started and equals the in-place calibration (bit for bit when the device is the CPU itself)."""
     spec = (QuantSpec(4, True, 16), QuantSpec(8, True, 0))
+    opts = {"gptq": True, "progress": False, "sequential": aligned, "fp_align": 0.25 if aligned else 0.0}
     base, _, adapter = load_model(tiny_llava_dir)
-    rec = calibrate_model(adapter, calib, method, *spec, gptq=True, progress=False)
+    rec = calibrate_model(adapter, calib, method, *spec, **opts)
     model, _, adapter = load_model(tiny_llava_dir)
-    rec_dev = calibrate_model(adapter, calib, method, *spec, gptq=True, progress=False, device=torch.device(device))
+    rec_dev = calibrate_model(adapter, calib, method, *spec, **opts, device=torch.device(device))
     tensors = [*model.parameters(), *model.buffers()]
     assert {t.device.type for t in tensors} == {"cpu"}
     assert rec_dev["quantized"] == rec["quantized"] and len(rec["quantized"]) == 14
