@@ -128,6 +128,8 @@ def calibrate_model(
         raise QavtpError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if not batches:
         raise QavtpError("the calibration set is empty")
+    if fp_align < 0:
+        raise QavtpError(f"--fp-align must be >= 0, got {fp_align}")
     record: dict = {"method": method, "transforms": {}}
     if method == "smoothquant":
         absmax = collect_input_absmax(adapter, batches, device)
@@ -135,8 +137,6 @@ def calibrate_model(
         record["transforms"]["smooth"] = {"alpha": smooth_alpha, "layers": sorted(scales)}
     elif method == "quarot":
         record["transforms"]["rotation"] = rotate_model(adapter, seed, online_o_proj, device)
-    if fp_align < 0:
-        raise QavtpError(f"--fp-align must be >= 0, got {fp_align}")
     inputs = capture_layer_inputs(adapter, batches, device)
     ref_inputs = inputs if fp_align else None  # the floating-point model's stream: the same until layer 0 runs
     stats_out: dict[str, dict] = {}
