@@ -72,6 +72,11 @@ def sequential_groups(names: Iterable[str]) -> list[list[str]]:
     return [g for g in groups if g] + [[n] for n in names if n not in known]
 
 
+def check_fp_align(fp_align: float) -> None:
+    if fp_align < 0:
+        raise QavtpError(f"--fp-align must be >= 0, got {fp_align}")
+
+
 def calibration_batches(processor, dataset, batch_size: int = 8) -> list[dict]:
     """Prompt + answer sequences, as the model sees them in a conversation."""
     if len(dataset) == 0:
@@ -128,8 +133,7 @@ def calibrate_model(
         raise QavtpError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if not batches:
         raise QavtpError("the calibration set is empty")
-    if fp_align < 0:
-        raise QavtpError(f"--fp-align must be >= 0, got {fp_align}")
+    check_fp_align(fp_align)
     record: dict = {"method": method, "transforms": {}}
     if method == "smoothquant":
         absmax = collect_input_absmax(adapter, batches, device)
@@ -152,14 +156,18 @@ def calibrate_model(
             for group in sequential_groups(linears) if sequential else [list(linears)]:
                 # Sequential: each group's Hessians see the deployed inputs, i.e. the earlier groups already
                 # quantized and this group's own activation quantizer applied.
-                act = {f"layers.{i}.{n}": partial(fake_quant_activation, spec=specs[n]) for n in group if specs[n]}
+                act = (
+                    {f"layers.{i}.{n}": partial(fake_quant_activation, spec=specs[n]) for n in group if specs[n]}
+                    if sequential
+                    else None
+                )
                 stats, hess = observe_layer(
                     layer,
                     f"layers.{i}",
                     inputs,
                     hessians=gptq or bool(fp_align),
                     names=group,
-                    act_quant=act if sequential else None,
+                    act_quant=act,
                     reference=(ref_layer, ref_inputs) if fp_align else None,
                 )
                 for name in group:
@@ -167,15 +175,16 @@ def calibrate_model(
                     stats_out[full] = stats[full].summary()
                     if specs[name] is not aspec:
                         eight.append(full)
+                    H = hess[full].hessian() if full in hess else None
                     if fp_align:
-                        lin, acc = linears[name], hess[full]
-                        lin.weight.copy_(fp_aligned_weight(lin.weight, acc.hessian(), acc.cross_term(), fp_align))
+                        lin = linears[name]
+                        lin.weight.copy_(fp_aligned_weight(lin.weight, H, hess[full].cross_term(), fp_align))
                     ql = QuantLinear.from_linear(
                         linears[name],
                         wspec,
                         specs[name],
                         method="gptq" if gptq else "rtn",
-                        H=hess[full].hessian() if gptq else None,
+                        H=H if gptq else None,
                         clip_search=clip_search,
                     )
                     _set_module(layer, name, ql)

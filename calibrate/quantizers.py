@@ -465,6 +465,10 @@ class QuantLinear(QuantWeight):
     def forward(self, x: Tensor) -> Tensor:
         if self.aspec is not None:
             x = fake_quant_activation(x, self.aspec)
+        return self.weights_only(x)
+
+    def weights_only(self, x: Tensor) -> Tensor:
+        """The layer without its activation quantizer: ``F.linear(x, dequant(W), b)``."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 

@@ -14,7 +14,7 @@ import torch
 from qavtp.calibrate.artifact import fingerprint, save_artifact
 from qavtp.calibrate.kvcache import install_kv_quant
 from qavtp.calibrate.offload import describe, peak_mib, reset_peak, resolve_device
-from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches, parse_a8
+from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches, check_fp_align, parse_a8
 from qavtp.calibrate.quantizers import QuantSpec, check_group_size
 from qavtp.calibrate.stats import observe_vision
 from qavtp.calibrate.vocab import quantize_vocab
@@ -105,8 +105,7 @@ def run_calibration(
         raise QavtpError(f"the calibration set is empty (--n-samples {n_samples})")
     if Path(output).exists() and not overwrite:
         raise QavtpError(f"output directory {output} exists; pass --overwrite to replace it")
-    if fp_align < 0:
-        raise QavtpError(f"--fp-align must be >= 0, got {fp_align}")
+    check_fp_align(fp_align)
     if not 0 < smooth_alpha <= 1:
         raise QavtpError(f"--smooth-alpha must lie in (0, 1], got {smooth_alpha}")
     if wgroup != "auto":

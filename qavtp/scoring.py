@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, quant_error
 from qavtp.calibrate.stats import capture_inputs
@@ -108,10 +107,7 @@ def _rope_fn(attn: nn.Module):
 
 def _weights_only(linear: nn.Module, x: Tensor) -> Tensor:
     """``linear(x)`` without its activation quantizer, if it has one."""
-    if isinstance(linear, QuantLinear):
-        bias = None if linear.bias is None else linear.bias.to(x.dtype)
-        return F.linear(x, linear.weight.to(x.dtype), bias)
-    return linear(x)
+    return linear.weights_only(x) if isinstance(linear, QuantLinear) else linear(x)
 
 
 @torch.no_grad()
