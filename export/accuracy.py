@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qavtp.export.session import ExportedModel
-from qavtp.metrics import record, score_candidates, summarize
+from qavtp.metrics import agreement_by_margin, pick, record, score_candidates, summarize
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -55,7 +55,8 @@ def evaluate_export(em: ExportedModel, dataset, batch_size: int = 16, progress: 
         scores, keep = choice_logprobs(em, batch["image"], batch["question"], batch["choices"])
         kept += keep.tolist()
         for s, c, a, t in zip(scores, batch["choices"], batch["answer"], batch["qtype"], strict=True):
-            record(correct, predictions, len(predictions), c[int(np.argmax(s))], a, t)
+            pred, margin = pick(s, c)
+            record(correct, predictions, len(predictions), pred, a, t, margin)
     return {**summarize(correct, predictions), "visual_tokens_kept": len(kept[0]) if kept else None, "kept": kept}
 
 
@@ -71,6 +72,7 @@ def compare(onnx_res: dict, torch_res: dict, torch_kept: list[list[int]]) -> dic
     return {
         "n": n,
         "same_answers": same_answers / n,
+        "same_answers_by_torch_margin": agreement_by_margin(torch_res["predictions"], onnx_res["predictions"]),
         "same_kept_tokens": None if same_kept is None else same_kept / n,
         "onnx_accuracy": onnx_res["accuracy"],
         "torch_accuracy": torch_res["accuracy"],

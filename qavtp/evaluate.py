@@ -14,6 +14,7 @@ from qavtp.data.prompts import chat_prompt
 from qavtp.metrics import (  # noqa: F401  (markdown_table, wilson: re-exported)
     markdown_table,
     normalize_answer,
+    pick,
     record,
     score_candidates,
     summarize,
@@ -270,18 +271,19 @@ def evaluate(
                 )
             else:
                 scores = choice_logprobs(model, processor, batch["image"], batch["prompt"], batch["choices"])
-            preds = [c[max(range(len(s)), key=s.__getitem__)] for s, c in zip(scores, batch["choices"], strict=True)]
+            preds, margins = zip(*(pick(s, c) for s, c in zip(scores, batch["choices"], strict=True)), strict=True)
         else:
             if prune is not None:
                 texts, keep = pruned_generate_answers(prune, processor, batch["image"], batch["prompt"])
             else:
                 texts = generate_answers(model, processor, batch["image"], batch["prompt"])
             preds = [normalize_answer(t) for t in texts]
+            margins = [None] * len(preds)
         if prune is not None:
             kept = keep.shape[1]
             kept_rows += keep.tolist()
-        for p, a, t in zip(preds, batch["answer"], batch["qtype"], strict=True):
-            record(correct, predictions, order[len(predictions)], p, a, t)
+        for p, a, t, m in zip(preds, batch["answer"], batch["qtype"], margins, strict=True):
+            record(correct, predictions, order[len(predictions)], p, a, t, m)
     if keep_log is not None and kept_rows:
         keep_log += [k for _, k in sorted(zip(order, kept_rows, strict=True))]
     predictions.sort(key=lambda p: p["index"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 
 
 def normalize_answer(text: str) -> str:
@@ -64,13 +65,50 @@ def summarize(correct: dict[str, list[int]], predictions: list[dict]) -> dict:
     }
 
 
-def record(correct: dict[str, list[int]], predictions: list[dict], index: int, pred: str, answer: str, qtype: str):
-    """Score one prediction into ``correct`` and ``predictions``."""
+def pick(scores: Sequence[float], choices: Sequence[str]) -> tuple[str, float | None]:
+    """The best-scoring candidate (the first of equal ones) and its margin over the runner-up, in nats
+    (None with a single candidate): a small margin is an answer that a rounding difference can flip."""
+    order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # stable: ties keep their order
+    margin = float(scores[order[0]] - scores[order[1]]) if len(order) > 1 else None
+    return choices[order[0]], margin
+
+
+def record(
+    correct: dict[str, list[int]],
+    predictions: list[dict],
+    index: int,
+    pred: str,
+    answer: str,
+    qtype: str,
+    margin: float | None = None,
+):
+    """Score one prediction into ``correct`` and ``predictions`` (with its :func:`pick` margin, if any)."""
     ok = int(normalize_answer(pred) == normalize_answer(answer))
     if qtype != "all":
         correct.setdefault(qtype, []).append(ok)
     correct.setdefault("all", []).append(ok)
-    predictions.append({"index": index, "prediction": pred, "answer": answer, "correct": bool(ok)})
+    row = {"index": index, "prediction": pred, "answer": answer, "correct": bool(ok)}
+    if margin is not None:
+        row["margin"] = round(margin, 5)
+    predictions.append(row)
+
+
+# Bounds (nats) of the answer-margin bins in which answer agreement is reported.
+MARGIN_BINS = (0.05, 0.2, 1.0)
+
+
+def agreement_by_margin(reference: list[dict], other: list[dict], bins: Sequence[float] = MARGIN_BINS) -> list[dict]:
+    """The share of the same answers in ``other`` as in ``reference``, per bin of the reference's answer margin.
+
+    Rounding differences between two runtimes flip only answers that sit near a tie, so agreement that is
+    complete above some margin and poor below it is numerical noise, not a different model."""
+    edges = [0.0, *bins, float("inf")]
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        pairs = [(r, o) for r, o in zip(reference, other, strict=True) if lo <= r.get("margin", float("nan")) < hi]
+        same = sum(r["prediction"] == o["prediction"] for r, o in pairs)
+        out.append({"from": lo, "to": hi, "n": len(pairs), "same": same / len(pairs) if pairs else None})
+    return out
 
 
 def markdown_table(results: dict, title: str = "") -> str:

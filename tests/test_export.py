@@ -567,3 +567,7 @@ def test_cli_eval_onnx_compares_with_torch(runtime, exports, tmp_path):
     agree = res["agreement"]
     assert agree["n"] == 8 and agree["same_answers"] == 1.0 and agree["same_kept_tokens"] == 1.0
     assert "same answers 100.0 %" in r.output and res["onnx"]["runtime"] == runtime
+    # Every question lands in one margin bin (easy-VQA always offers several candidates) and agrees there.
+    bins = agree["same_answers_by_torch_margin"]
+    assert sum(b["n"] for b in bins) == 8 and all(b["same"] == 1.0 for b in bins if b["n"])
+    assert all(p["margin"] >= 0 for p in res["onnx"]["predictions"] + res["torch"]["predictions"])
