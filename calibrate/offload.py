@@ -39,11 +39,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device | None:
 
 
 def describe(device: torch.device | None) -> str:
-    if device is None:
-        return "cpu"
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
+    """What :func:`resolve_device` returned, for the artifact's record: the CPU or a named CUDA device."""
+    return "cpu" if device is None else f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def home_of(module: nn.Module) -> torch.device:
