@@ -100,8 +100,9 @@ MARGIN_BINS = (0.05, 0.2, 1.0)
 def agreement_by_margin(reference: list[dict], other: list[dict], bins: Sequence[float] = MARGIN_BINS) -> list[dict]:
     """The share of the same answers in ``other`` as in ``reference``, per bin of the reference's answer margin.
 
-    Rounding differences between two runtimes flip only answers that sit near a tie, so agreement that is
-    complete above some margin and poor below it is numerical noise, not a different model."""
+    A rounding difference between two runtimes flips near-tie answers first; how far agreement stays below
+    100 % at large margins shows how far one flipped 4-bit rounding carries through the model
+    (``bench/parity_floor.py`` measures the same for torch against itself)."""
     edges = [0.0, *bins, float("inf")]
     out = []
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
