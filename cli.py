@@ -448,13 +448,13 @@ def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, ou
             f"torch {100 * a['torch_accuracy']:.2f} % | onnx {100 * a['onnx_accuracy']:.2f} % | "
             f"same answers {100 * a['same_answers']:.1f} % | same kept tokens {kept} (n={a['n']})"
         )
+        from qavtp.metrics import margin_bin_label
+
         bins = [b for b in a["same_answers_by_torch_margin"] if b["n"]]
         if bins:
             click.echo(
                 "same answers by torch's answer margin (nats): "
-                + ", ".join(
-                    f"{b['from']:g}–{b['to']:g}: {100 * b['same']:.0f} % of {b['n']}".replace("–inf", "+") for b in bins
-                )
+                + ", ".join(f"{margin_bin_label(b)}: {100 * b['same']:.0f} % of {b['n']}" for b in bins)
             )
     if output:
         atomic_write_json(Path(output) / "results.json", out)

@@ -44,9 +44,9 @@ def main() -> None:
     from qavtp.calibrate.artifact import load_artifact
     from qavtp.data import load_data
     from qavtp.evaluate import Pruning, evaluate
-    from qavtp.export.accuracy import evaluate_export
+    from qavtp.export.accuracy import compare, evaluate_export
     from qavtp.export.session import ExportedModel
-    from qavtp.metrics import agreement_by_margin
+    from qavtp.metrics import agreement_by_margin, margin_bin_label
     from qavtp.scoring import FusionParams
 
     em = ExportedModel(args.export_dir)
@@ -77,16 +77,6 @@ def main() -> None:
         runs[name] = fn()
         seconds[name] = time.time() - t0
 
-    def same(a: dict, b: dict, key: str) -> float | None:
-        x, y = a.get(key), b.get(key)
-        if not x or not y:
-            return None
-        if key == "predictions":
-            x, y = [p["prediction"] for p in x], [p["prediction"] for p in y]
-        else:
-            x, y = [list(r) for r in x], [list(r) for r in y]
-        return sum(u == v for u, v in zip(x, y, strict=True)) / len(x)
-
     how = f"retain {pr['retain']:g} by {pr['scorer']}" if pr["scorer"] else "dense"
     lines = [
         f"Export `{args.export_dir}` of artifact `{src['path']}` ({how}); {len(ds)} easy-VQA test questions "
@@ -100,18 +90,18 @@ def main() -> None:
         "|---|---:|---:|",
     ]
     for (na, a), (nb, b) in itertools.combinations(runs.items(), 2):
-        ans, kept = same(a, b, "predictions"), same(a, b, "kept")
+        agree = compare(a, b, b["kept"])  # every run here records its kept tokens
+        ans, kept = agree["same_answers"], agree["same_kept_tokens"]
         lines.append(f"| {na} vs {nb} | {100 * ans:.1f} | {'–' if kept is None else f'{100 * kept:.1f}'} |")
     ref_name = "torch fp64, batch 16"
     ref = runs[ref_name]["predictions"]
     bins = agreement_by_margin(ref, ref)
-    head = [f"{b['from']:g}–{b['to']:g}".replace("–inf", " +") for b in bins]
     lines += [
         "",
         f"Same answers as {ref_name} (the spec evaluated most exactly), by its answer margin (log-probability of its "
         "answer minus the runner-up's, nats); n per bin in the header.",
         "",
-        "| run | " + " | ".join(f"{h} (n={b['n']})" for h, b in zip(head, bins, strict=True)) + " |",
+        "| run | " + " | ".join(f"{margin_bin_label(b)} (n={b['n']})" for b in bins) + " |",
         "|---|" + "---:|" * len(bins),
     ]
     for name, r in runs.items():

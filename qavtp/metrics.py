@@ -112,6 +112,11 @@ def agreement_by_margin(reference: list[dict], other: list[dict], bins: Sequence
     return out
 
 
+def margin_bin_label(b: dict) -> str:
+    """``0.2–1`` or ``1+``: a bin of :func:`agreement_by_margin` for a table or a log line."""
+    return f"{b['from']:g}+" if b["to"] == float("inf") else f"{b['from']:g}–{b['to']:g}"
+
+
 def markdown_table(results: dict, title: str = "") -> str:
     """Accuracy overall and per question type, as a Markdown table."""
     lines = [f"### {title}", ""] if title else []

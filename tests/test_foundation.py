@@ -178,7 +178,7 @@ def test_rows_sharing_an_image_score_as_if_alone(tiny_llava_dir, easyvqa_test):
 
 
 def test_answer_margins_and_agreement_by_margin():
-    from qavtp.metrics import agreement_by_margin, pick
+    from qavtp.metrics import agreement_by_margin, margin_bin_label, pick
 
     assert pick([-1.0, -0.25, -3.0], ["a", "b", "c"]) == ("b", 0.75)
     assert pick([-0.5, -0.5], ["yes", "no"]) == ("yes", 0.0)  # the first of equal ones, as argmax
@@ -187,6 +187,7 @@ def test_answer_margins_and_agreement_by_margin():
     other = [{"prediction": p} for p in ["b", "b", "a", "b", "a"]]
     bins = agreement_by_margin(ref, other, bins=(0.05, 1.0))
     assert [(b["from"], b["n"], b["same"]) for b in bins] == [(0.0, 2, 0.5), (0.05, 1, 1.0), (1.0, 2, 1.0)]
+    assert [margin_bin_label(b) for b in bins] == ["0–0.05", "0.05–1", "1+"]
     assert agreement_by_margin(ref[:1], other[:1], bins=(0.05,))[1] == {
         "from": 0.05,
         "to": float("inf"),
