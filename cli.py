@@ -170,6 +170,17 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     "accuracy: calibration accuracy.",
 )
 @fusion_holdout_option
+@click.option(
+    "--align-projector",
+    "align_steps",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Steps of projector alignment (0: off): the floating-point projector is distilled from the FP model "
+    "through the quantized LLM (KL on answer tokens of train questions), before the fusion weights are learned.",
+)
+@click.option("--align-lr", type=float, default=3e-4, show_default=True, help="Projector alignment learning rate.")
+@click.option("--align-batch", type=int, default=8, show_default=True, help="Questions per alignment step.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")

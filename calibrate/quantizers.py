@@ -351,11 +351,34 @@ def gptq_quantize(
 # ---------------------------------------------------------------------------------------- activations
 
 
+class _StraightThrough(torch.autograd.Function):
+    """The fake-quant values forward, the identity backward (the straight-through estimator).
+
+    ``round`` has a zero gradient almost everywhere, so without this nothing upstream of a quantized
+    activation (the projector, when ``calibrate.align`` tunes it) could learn through the quantized LLM.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, spec: QuantSpec) -> Tensor:  # noqa: ARG004
+        return _fake_quant_activation(x, spec)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ARG004
+        return grad, None
+
+
 def fake_quant_activation(x: Tensor, spec: QuantSpec) -> Tensor:
     """Dynamic quantize-dequantize of each token (the last dimension), in groups of ``spec.group_size``.
 
-    Computed in float32 and returned in ``x``'s dtype. A group of zeros stays exactly zero.
+    Computed in float32 and returned in ``x``'s dtype. A group of zeros stays exactly zero. When a gradient
+    flows, it passes straight through (the forward values are the same).
     """
+    if x.requires_grad and torch.is_grad_enabled():
+        return _StraightThrough.apply(x, spec)
+    return _fake_quant_activation(x, spec)
+
+
+def _fake_quant_activation(x: Tensor, spec: QuantSpec) -> Tensor:
     d = x.shape[-1]
     g = check_group_size(d, spec.group_size)
     xg = x.to(torch.float32).reshape(*x.shape[:-1], d // g, g)

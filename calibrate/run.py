@@ -20,6 +20,8 @@ from qavtp.calibrate.stats import observe_vision
 from qavtp.calibrate.vocab import quantize_vocab
 from qavtp.errors import QavtpError
 
+ALIGN_HELDOUT = 128  # held-out questions that pick the aligned projector's step
+
 
 def quant_specs(
     wbits: int, abits: int, wgroup: int, agroup: int, wsym: bool, asym: bool, aclip: float
@@ -83,10 +85,14 @@ def run_calibration(
     fusion_samples: int = 64,
     fusion_objective: str = "kl",
     fusion_holdout: bool = True,
+    align_steps: int = 0,
+    align_lr: float = 3e-4,
+    align_batch: int = 8,
     overwrite: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
+    from qavtp.calibrate.align import align_projector, alignment_data, check_align_options
     from qavtp.calibrate.fusion import (
         check_fusion_samples,
         check_objective,
@@ -120,6 +126,7 @@ def run_calibration(
     kv_spec = None if kv_bits == 16 else QuantSpec(kv_bits, False, 0, kv_clip)
     ratios = [r for r in parse_ratios(retain) if r < 1.0]
     check_objective(fusion_objective)
+    check_align_options(align_steps, align_lr, align_batch)
     if ratios:
         check_fusion_samples(fusion_samples)
     dev = resolve_device(device)
@@ -169,6 +176,15 @@ def run_calibration(
         vspec = QuantSpec(vocab_bits, wspec.symmetric, wspec.group_size)  # hidden size: checked with the decoder
         quantize_vocab(adapter, vspec, clip_search)
     seconds = round(time.time() - t0, 1)
+    alignment = None
+    if align_steps:
+        # The teacher is the checkpoint as it was: a second copy, since ``net`` is quantized in place by now.
+        teacher, _, _ = load_model(path)
+        train, held = alignment_data(data_spec, align_steps, align_batch, ALIGN_HELDOUT, seed)
+        alignment = align_projector(
+            net, teacher, processor, train, held, align_steps, batch_size=align_batch, lr=align_lr, progress=progress
+        )
+        del teacher
     fusion = None
     if ratios:
         fusion = learn_fusion(
@@ -192,6 +208,7 @@ def run_calibration(
             "vocab": vspec.to_dict() if vspec else None,
             "kv_cache": kv_spec.to_dict() if kv_spec else None,
             "a8": a8 if eight else None,
+            "align_steps": align_steps,
             "seed": seed,
         },
         # ru_maxrss is the process's peak resident memory (KiB on Linux): model + one layer's activations.
@@ -204,6 +221,8 @@ def run_calibration(
             **({"device_peak_mib": device_peak} if device_peak is not None else {}),
         },
     }
+    if alignment is not None:
+        config["alignment"] = alignment
     if fusion is not None:
         config["fusion"] = fusion
     return save_artifact(output, net, config, overwrite=overwrite)

@@ -416,3 +416,13 @@ def test_fp_aligned_weight_maps_quantized_inputs_onto_float_outputs():
     target = x @ w.T
     assert (x_tilde @ aligned.T - target).norm() < 0.2 * (x_tilde @ w.T - target).norm()
     torch.testing.assert_close(fp_aligned_weight(w, acc.hessian(), acc.cross_term(), alpha=0.0), w)
+
+
+def test_activation_fake_quant_passes_gradients_straight_through():
+    torch.manual_seed(0)
+    x = torch.randn(3, 32, requires_grad=True)
+    spec = QuantSpec(4, False, 16)
+    y = fake_quant_activation(x, spec)
+    assert torch.equal(y, fake_quant_activation(x.detach(), spec))  # same values with and without autograd
+    (y * torch.arange(32.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(32.0).expand(3, 32))  # round() alone would give zeros

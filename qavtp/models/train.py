@@ -103,7 +103,7 @@ def reference_image(i: int) -> str:
     return image_path("train", i)
 
 
-def _answer_batch(processor, rows):
+def answer_batch(processor, rows):
     """Prompt ids with the answer and <|im_end|> appended; loss only on those tokens."""
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -234,7 +234,7 @@ def stage2(
                 loss = packed_loss(model, *_packed_batch(processor, convs))
         else:
             idx = [order[(step * batch + k) % len(order)] for k in range(batch)]
-            enc, keep, labels = _answer_batch(processor, train[idx])
+            enc, keep, labels = answer_batch(processor, train[idx])
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(**enc, logits_to_keep=keep).logits[:, :-1]
             flat = logits.float().reshape(-1, logits.shape[-1])

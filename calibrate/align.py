@@ -1,0 +1,179 @@
+"""Projector alignment: the floating-point projector learns to feed the quantized LLM.
+
+The visual tokens are a soft prompt, learned against the floating-point LLM (the reference model's
+projector was trained through the frozen FP SmolLM2). The W4A4 LLM reads that prompt differently, and
+the LLM's weights cannot move (they are integer codes now), but the projector, which stays in floating
+point, can: it is distilled from the floating-point model, ``KL(FP dense ‖ W4A4)`` over the whole vocabulary at
+every answer token of calibration questions, back-propagated through the frozen quantized LLM with
+straight-through activation quantizers. The teacher is the model itself before quantization, so
+this recovers its behaviour and cannot teach it anything it did not know (the answers only set the
+positions where the two are compared).
+
+Questions held out of the training set measure the same KL before training and after every
+``eval_every`` steps; the projector of the step with the lowest held-out KL is kept (step 0, the
+unaligned projector, is a candidate), so alignment never makes that KL worse.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qavtp.errors import QavtpError
+
+
+def check_align_options(steps: int, lr: float, batch_size: int) -> None:
+    if steps < 0:
+        raise QavtpError(f"--align-projector must be 0 (off) or a number of steps, got {steps}")
+    if steps and not lr > 0:
+        raise QavtpError(f"--align-lr must be positive, got {lr}")
+    if steps and batch_size < 1:
+        raise QavtpError(f"--align-batch must be at least 1, got {batch_size}")
+
+
+def alignment_data(spec: str, steps: int, batch_size: int, heldout: int, seed: int):
+    """Training and held-out questions from the train split, disjoint, seeded.
+
+    ``steps * batch_size`` training questions (fewer if the split is small: training cycles through them)
+    and ``heldout`` questions (at most a quarter of the split) for choosing the step.
+    """
+    from qavtp.data import load_data
+
+    ds = load_data(spec, "train").shuffle(seed=seed + 1)  # another draw than the calibration set's
+    n_held = max(1, min(heldout, len(ds) // 4))
+    n_train = min(len(ds) - n_held, steps * batch_size)
+    if n_train < 1:
+        raise QavtpError(f"data set {spec!r} is too small for projector alignment ({len(ds)} questions)")
+    return ds.select(range(n_held, n_held + n_train)), ds.select(range(n_held))
+
+
+def _answer_logprobs(model, enc, keep: int, mask: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Log-probabilities over the vocabulary at every answer position, ``[n_positions, vocab]``."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**enc, logits_to_keep=keep).logits[:, :-1]
+    return F.log_softmax(logits.float()[mask], dim=-1)
+
+
+def _kl(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ student)."""
+    return (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1).mean()
+
+
+def _batches(processor, data, batch_size: int):
+    from qavtp.models.train import answer_batch
+
+    for s in range(0, len(data), batch_size):
+        enc, keep, labels = answer_batch(processor, data[s : s + batch_size])
+        yield enc, keep, labels != -100
+
+
+@torch.no_grad()
+def _teacher_targets(teacher, processor, data, batch_size: int, bf16: bool) -> list:
+    return [
+        (enc, keep, mask, _answer_logprobs(teacher, enc, keep, mask, bf16))
+        for enc, keep, mask in _batches(processor, data, batch_size)
+    ]
+
+
+@torch.no_grad()
+def _heldout_kl(model, held: list, bf16: bool) -> float:
+    total, n = 0.0, 0
+    for enc, keep, mask, target in held:
+        lp = _answer_logprobs(model, enc, keep, mask, bf16)
+        total += _kl(target, lp).item() * len(target)
+        n += len(target)
+    return total / n
+
+
+def align_projector(
+    model,
+    teacher,
+    processor,
+    train,
+    heldout,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    eval_every: int = 50,
+    bf16: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Distil ``teacher`` (the floating-point model) into ``model``'s projector for ``steps`` steps of
+    ``batch_size`` questions from ``train`` (cycled); returns the record stored in the artifact.
+
+    Only the projector's parameters change; ``model`` is left in eval mode with the best projector.
+    """
+    if steps < 1:
+        raise QavtpError(f"projector alignment needs at least one step, got {steps}")
+    if len(train) == 0 or len(heldout) == 0:
+        raise QavtpError("projector alignment needs training and held-out questions")
+    t0 = time.time()
+    proj = model.model.multi_modal_projector
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(proj.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    teacher.eval()
+    model.eval()  # no dropout anywhere; gradients flow all the same
+    held = _teacher_targets(teacher, processor, heldout, 16, bf16)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+
+    def lr_factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    best_kl = _heldout_kl(model, held, bf16)
+    curve = [{"step": 0, "heldout_kl": round(best_kl, 5)}]
+    best_step, best_state = 0, {k: v.detach().clone() for k, v in proj.state_dict().items()}
+    n = len(train)
+    running = None
+    bar = tqdm(total=steps, desc="aligning the projector to the quantized LLM", unit="step", disable=not progress)
+    for step in range(steps):
+        idx = [(step * batch_size + k) % n for k in range(batch_size)]
+        rows = train.select(idx)
+        ((enc, keep, mask),) = _batches(processor, rows, batch_size)
+        with torch.no_grad():
+            target = _answer_logprobs(teacher, enc, keep, mask, bf16)
+        loss = _kl(target, _answer_logprobs(model, enc, keep, mask, bf16))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        bar.update(1)
+        bar.set_postfix(kl=f"{running:.4f}", best=f"{best_kl:.4f}@{best_step}")
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            kl = _heldout_kl(model, held, bf16)
+            curve.append({"step": step + 1, "train_kl": round(running, 5), "heldout_kl": round(kl, 5)})
+            if kl < best_kl:
+                best_kl, best_step = kl, step + 1
+                best_state = {k: v.detach().clone() for k, v in proj.state_dict().items()}
+    bar.close()
+    proj.load_state_dict(best_state)
+    for p, flag in frozen.items():
+        p.requires_grad_(flag)
+    return {
+        "target": "multi_modal_projector",
+        "objective": "kl(fp dense || quantized), all answer tokens, full vocabulary",
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "bf16": bf16,
+        "train_questions": n,
+        "heldout_questions": len(heldout),
+        "best_step": best_step,
+        "heldout_kl_before": curve[0]["heldout_kl"],
+        "heldout_kl_after": round(best_kl, 5),
+        "curve": curve,
+        "seconds": round(time.time() - t0, 1),
+    }
