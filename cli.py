@@ -181,6 +181,13 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 )
 @click.option("--align-lr", type=float, default=3e-4, show_default=True, help="Projector alignment learning rate.")
 @click.option("--align-batch", type=int, default=8, show_default=True, help="Questions per alignment step.")
+@click.option(
+    "--align-retain",
+    default="1",
+    show_default=True,
+    help="Retention ratios the projector is aligned for, cycled over the steps (e.g. 1,0.5,0.25,0.125: the "
+    "quantized model also sees its prompts pruned by the qapruner preset).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")

@@ -58,60 +58,102 @@ def _answer_logprobs(model, enc, keep: int, mask: torch.Tensor, bf16: bool) -> t
     return F.log_softmax(logits.float()[mask], dim=-1)
 
 
+def _pruned_answer_logprobs(adapter, prompt_enc, enc, keep: int, mask: torch.Tensor, rho: float, bf16: bool):
+    """As :func:`_answer_logprobs` with only the top ``ceil(rho N)`` visual tokens kept before the LLM.
+
+    The tokens are scored on the prompt alone, as at inference (the answer is not there yet), by the paper's
+    preset fusion (``qapruner``: the artifact's own fusion weights are learned after alignment); the
+    selection is not differentiable, the kept tokens' values are.
+    """
+    from qavtp.pruning import prune_sequence, select_tokens
+    from qavtp.scoring import score_tokens
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            vis = adapter.visual_positions(prompt_enc["input_ids"])
+            emb = adapter.embed(prompt_enc["input_ids"], prompt_enc["pixel_values"]).float()
+            kept = select_tokens(score_tokens("qapruner", adapter, prompt_enc, emb, vis), rho)
+        ids = enc["input_ids"]
+        seq = prune_sequence(
+            ids, enc["attention_mask"], adapter.embed(ids, enc["pixel_values"]), adapter.visual_positions(ids), kept
+        )
+        hidden = adapter.language_model(
+            inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask, position_ids=seq.position_ids
+        ).last_hidden_state
+        logits = adapter.lm_head(hidden[:, -keep:])[:, :-1]
+    return F.log_softmax(logits.float()[mask], dim=-1)
+
+
 def _kl(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher ‖ student)."""
     return (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1).mean()
 
 
 def _batches(processor, data, batch_size: int):
+    from qavtp.evaluate import encode
     from qavtp.models.train import answer_batch
 
     for s in range(0, len(data), batch_size):
-        enc, keep, labels = answer_batch(processor, data[s : s + batch_size])
-        yield enc, keep, labels != -100
+        rows = data[s : s + batch_size]
+        enc, keep, labels = answer_batch(processor, rows)
+        yield encode(processor, rows["image"], rows["prompt"]), enc, keep, labels != -100
+
+
+def _student_logprobs(model, adapter, batch, rho: float, bf16: bool) -> torch.Tensor:
+    prompt_enc, enc, keep, mask = batch
+    if rho >= 1.0:
+        return _answer_logprobs(model, enc, keep, mask, bf16)
+    return _pruned_answer_logprobs(adapter, prompt_enc, enc, keep, mask, rho, bf16)
 
 
 @torch.no_grad()
 def _teacher_targets(teacher, processor, data, batch_size: int, bf16: bool) -> list:
-    return [
-        (enc, keep, mask, _answer_logprobs(teacher, enc, keep, mask, bf16))
-        for enc, keep, mask in _batches(processor, data, batch_size)
-    ]
+    return [(b, _answer_logprobs(teacher, *b[1:], bf16)) for b in _batches(processor, data, batch_size)]
 
 
 @torch.no_grad()
-def _heldout_kl(model, held: list, bf16: bool) -> float:
-    total, n = 0.0, 0
-    for enc, keep, mask, target in held:
-        lp = _answer_logprobs(model, enc, keep, mask, bf16)
-        total += _kl(target, lp).item() * len(target)
-        n += len(target)
-    return total / n
+def _heldout_kl(model, adapter, held: list, ratios: list[float], bf16: bool) -> dict[float, float]:
+    out = {}
+    for rho in ratios:
+        total, n = 0.0, 0
+        for batch, target in held:
+            lp = _student_logprobs(model, adapter, batch, rho, bf16)
+            total += _kl(target, lp).item() * len(target)
+            n += len(target)
+        out[rho] = total / n
+    return out
 
 
 def align_projector(
-    model,
+    adapter,
     teacher,
     processor,
     train,
     heldout,
     steps: int,
     batch_size: int = 8,
-    lr: float = 1e-4,
+    lr: float = 3e-4,
+    ratios: tuple[float, ...] = (1.0,),
     eval_every: int = 50,
     bf16: bool = True,
     progress: bool = True,
 ) -> dict:
-    """Distil ``teacher`` (the floating-point model) into ``model``'s projector for ``steps`` steps of
-    ``batch_size`` questions from ``train`` (cycled); returns the record stored in the artifact.
+    """Distil ``teacher`` (the floating-point model, dense) into the projector of ``adapter``'s quantized model
+    for ``steps`` steps of ``batch_size`` questions from ``train`` (cycled); returns the record stored in the
+    artifact. Step ``s`` keeps ``ratios[s % len(ratios)]`` of the visual tokens (1: all), so one projector
+    learns to serve every retention ratio; the held-out KL that picks the step is the mean over the ratios.
 
-    Only the projector's parameters change; ``model`` is left in eval mode with the best projector.
+    Only the projector's parameters change; the model is left in eval mode with the best projector.
     """
+    from qavtp.pruning import check_ratio
+
     if steps < 1:
         raise QavtpError(f"projector alignment needs at least one step, got {steps}")
     if len(train) == 0 or len(heldout) == 0:
         raise QavtpError("projector alignment needs training and held-out questions")
+    ratios = [check_ratio(r) for r in ratios]
     t0 = time.time()
+    model = adapter.model
     proj = model.model.multi_modal_projector
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -130,20 +172,32 @@ def align_projector(
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
+    def evaluate(step: int, extra: dict) -> float:
+        kls = _heldout_kl(model, adapter, held, ratios, bf16)
+        mean = sum(kls.values()) / len(kls)
+        curve.append(
+            {
+                "step": step,
+                **extra,
+                "heldout_kl": round(mean, 5),
+                "by_ratio": {str(r): round(v, 5) for r, v in kls.items()},
+            }
+        )
+        return mean
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    best_kl = _heldout_kl(model, held, bf16)
-    curve = [{"step": 0, "heldout_kl": round(best_kl, 5)}]
+    curve: list[dict] = []
+    best_kl = evaluate(0, {})
     best_step, best_state = 0, {k: v.detach().clone() for k, v in proj.state_dict().items()}
     n = len(train)
     running = None
     bar = tqdm(total=steps, desc="aligning the projector to the quantized LLM", unit="step", disable=not progress)
     for step in range(steps):
-        idx = [(step * batch_size + k) % n for k in range(batch_size)]
-        rows = train.select(idx)
-        ((enc, keep, mask),) = _batches(processor, rows, batch_size)
+        rows = train.select([(step * batch_size + k) % n for k in range(batch_size)])
+        (batch,) = _batches(processor, rows, batch_size)
         with torch.no_grad():
-            target = _answer_logprobs(teacher, enc, keep, mask, bf16)
-        loss = _kl(target, _answer_logprobs(model, enc, keep, mask, bf16))
+            target = _answer_logprobs(teacher, *batch[1:], bf16)
+        loss = _kl(target, _student_logprobs(model, adapter, batch, ratios[step % len(ratios)], bf16))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -153,8 +207,7 @@ def align_projector(
         bar.update(1)
         bar.set_postfix(kl=f"{running:.4f}", best=f"{best_kl:.4f}@{best_step}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            kl = _heldout_kl(model, held, bf16)
-            curve.append({"step": step + 1, "train_kl": round(running, 5), "heldout_kl": round(kl, 5)})
+            kl = evaluate(step + 1, {"train_kl": round(running, 5)})
             if kl < best_kl:
                 best_kl, best_step = kl, step + 1
                 best_state = {k: v.detach().clone() for k, v in proj.state_dict().items()}
@@ -164,7 +217,9 @@ def align_projector(
         p.requires_grad_(flag)
     return {
         "target": "multi_modal_projector",
-        "objective": "kl(fp dense || quantized), all answer tokens, full vocabulary",
+        "objective": "kl(fp dense || quantized, pruned to each ratio), all answer tokens, full vocabulary",
+        "ratios": ratios,
+        "pruning_scorer": "qapruner" if any(r < 1 for r in ratios) else None,
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,

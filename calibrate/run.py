@@ -88,6 +88,7 @@ def run_calibration(
     align_steps: int = 0,
     align_lr: float = 3e-4,
     align_batch: int = 8,
+    align_retain: str | list[float] = "1",
     overwrite: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -127,6 +128,9 @@ def run_calibration(
     ratios = [r for r in parse_ratios(retain) if r < 1.0]
     check_objective(fusion_objective)
     check_align_options(align_steps, align_lr, align_batch)
+    align_ratios = parse_ratios(align_retain)
+    if align_steps and not align_ratios:
+        raise QavtpError("--align-retain needs at least one retention ratio (1: the dense model)")
     if ratios:
         check_fusion_samples(fusion_samples)
     dev = resolve_device(device)
@@ -182,7 +186,16 @@ def run_calibration(
         teacher, _, _ = load_model(path)
         train, held = alignment_data(data_spec, align_steps, align_batch, ALIGN_HELDOUT, seed)
         alignment = align_projector(
-            net, teacher, processor, train, held, align_steps, batch_size=align_batch, lr=align_lr, progress=progress
+            adapter,
+            teacher,
+            processor,
+            train,
+            held,
+            align_steps,
+            batch_size=align_batch,
+            lr=align_lr,
+            ratios=align_ratios,
+            progress=progress,
         )
         del teacher
     fusion = None

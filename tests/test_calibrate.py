@@ -319,6 +319,7 @@ def test_bad_calibration_inputs(tiny_llava_dir, tmp_path):
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--fp-align", "-0.5"]), "--fp-align must be >= 0")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--align-projector", "-1"]), "--align-projector must be")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--align-projector", "2", "--align-lr", "0"]), "--align-lr")
+    _one_line_error(run(main, [*base, str(tmp_path / "a"), "--align-projector", "2", "--align-retain", "0"]), "(0, 1]")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--device", "meta"]), "only cpu and cuda are supported")
     _one_line_error(run(main, [*base, str(tmp_path / "a"), "--device", "gpu0"]), "is not a torch device")
     if not torch.cuda.is_available():
@@ -392,11 +393,12 @@ def test_projector_alignment_moves_only_the_projector_and_never_worsens_heldout_
     assert bool(changed) == (rec["best_step"] > 0)
 
 
-def test_projector_alignment_learns_through_the_quantized_llm(tiny_llava_dir, probe, tmp_path):
+@pytest.mark.parametrize("ratios", [(1.0,), (1.0, 0.25)])
+def test_projector_alignment_learns_through_the_quantized_llm(tiny_llava_dir, probe, tmp_path, ratios):
     from qavtp.calibrate.align import align_projector, alignment_data
 
     art = run_calibration(tiny_llava_dir, tmp_path / "a", n_samples=8, wgroup=16, retain="none", progress=False)
-    student, processor, _, _ = load_artifact(art)
+    student, processor, adapter, _ = load_artifact(art)
     teacher, _, _ = load_model(tiny_llava_dir)
     torch.manual_seed(0)
     with torch.no_grad():  # a projector that no longer speaks the LLM's language
@@ -411,8 +413,12 @@ def test_projector_alignment_learns_through_the_quantized_llm(tiny_llava_dir, pr
     llm = {k: v.clone() for k, v in student.model.language_model.state_dict().items()}
     train, held = alignment_data("easy-vqa", 12, 4, 16, seed=0)
     rec = align_projector(
-        student, teacher, processor, train, held, 12, batch_size=4, lr=3e-3, eval_every=4, progress=False
+        adapter, teacher, processor, train, held, 12, batch_size=4, lr=3e-3, ratios=ratios, eval_every=4, progress=False
     )
-    assert rec["best_step"] > 0 and rec["heldout_kl_after"] < 0.5 * rec["heldout_kl_before"]
-    assert kl() < 0.5 * before  # test questions neither set saw
+    assert rec["best_step"] > 0 and rec["heldout_kl_after"] < 0.7 * rec["heldout_kl_before"]
+    best = next(c for c in rec["curve"] if c["step"] == rec["best_step"])["by_ratio"]
+    assert best.keys() == {str(r) for r in ratios}
+    assert all(best[k] < v for k, v in rec["curve"][0]["by_ratio"].items())  # every ratio gained
+    if ratios == (1.0,):
+        assert kl() < 0.5 * before  # test questions neither set saw
     assert all(torch.equal(v, llm[k]) for k, v in student.model.language_model.state_dict().items())
