@@ -2,6 +2,7 @@
 
     python bench/paired_diff.py runs/main2/sweep/results.json runs/exp/sem_k2/results.json [--ref qavtp]
     python bench/paired_diff.py A-eval/results.json B-eval/results.json ...   (plain ``qavtp eval`` runs)
+    python bench/paired_diff.py SWEEP/results.json@qavtp@0.125 B-eval/results.json   (one run of a sweep)
 
 Reads the ``results.json`` of one or more ``qavtp eval --retain ... --scorer ...`` sweeps over the same questions
 (same data, limit and seed) and prints, per retention ratio, ``ref - other`` for every other run: the mean of the
@@ -37,7 +38,7 @@ def main() -> None:
         "`qavtp eval --limit N` evaluates) and the rest",
     )
     args = ap.parse_args()
-    docs = [json.loads(Path(p).read_text()) for p in args.results]
+    docs = [load_run(p) for p in args.results]
     if all("predictions" in d for d in docs):
         plain(args.results, docs, args.subset)
         return
@@ -59,6 +60,19 @@ def main() -> None:
             diff = f"{100 * m:+.1f} ± {100 * h:.1f}"
             lines.append(f"| {rho:g} | {args.ref} − {label} | {100 * run['accuracy']:.1f} | {diff} |")
     print("\n".join(lines))
+
+
+def load_run(arg: str) -> dict:
+    """A results.json, or ``SWEEP/results.json@SCORER@RATIO[@K]``: that one run of a sweep, as a plain evaluation."""
+    path, *pick = arg.split("@")
+    doc = json.loads(Path(path).read_text())
+    if not pick:
+        return doc
+    scorer, rho, layer = pick[0], float(pick[1]), int(pick[2]) if len(pick) > 2 else 0
+    runs = [r for r in doc["runs"] if r["scorer"] == scorer and r["retain"] == rho and (r.get("layer") or 0) == layer]
+    if not runs:
+        raise SystemExit(f"{path} has no run of scorer {scorer} at retain {rho:g}")
+    return {"predictions": [{"index": i, "correct": c} for i, c in enumerate(runs[0]["correct"])]}
 
 
 def plain(paths: list[str], docs: list[dict], subset: int = 0) -> None:

@@ -184,13 +184,13 @@ def run_calibration(
     if align_steps:
         # The teacher is the checkpoint as it was: a second copy, since ``net`` is quantized in place by now.
         teacher, _, _ = load_model(path)
-        train, held = alignment_data(data_spec, align_steps, align_batch, ALIGN_HELDOUT, seed)
+        align_train, align_held = alignment_data(data_spec, align_steps, align_batch, ALIGN_HELDOUT, seed)
         alignment = align_projector(
             adapter,
             teacher,
             processor,
-            train,
-            held,
+            align_train,
+            align_held,
             align_steps,
             batch_size=align_batch,
             lr=align_lr,
@@ -238,4 +238,9 @@ def run_calibration(
         config["alignment"] = alignment
     if fusion is not None:
         config["fusion"] = fusion
-    return save_artifact(output, net, config, overwrite=overwrite)
+    out = save_artifact(output, net, config, overwrite=overwrite)
+    if alignment is not None:
+        from qavtp.calibrate.align import plot_alignment
+
+        plot_alignment(alignment, out / "alignment.png")
+    return out

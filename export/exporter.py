@@ -112,7 +112,16 @@ def _quantization(cfg: dict | None, fmt: str, accuracy_level: int) -> dict:
         "kv_cache": opts.get("kv_cache"),  # None: float keys and values
         "rotation": cfg["calibration"]["transforms"].get("rotation"),
         "smooth": cfg["calibration"]["transforms"].get("smooth"),
+        # The projector in the graph is the one aligned to the quantized LLM (None: the checkpoint's own).
+        "projector_alignment": _alignment_summary(cfg.get("alignment")),
     }
+
+
+def _alignment_summary(rec: dict | None) -> dict | None:
+    if rec is None:
+        return None
+    keys = ("ratios", "steps", "best_step", "heldout_kl_before", "heldout_kl_after")
+    return {k: rec[k] for k in keys if k in rec}
 
 
 @dataclass

@@ -377,12 +377,15 @@ def test_auto_group_size_divides_every_width(tiny_llava_dir, tmp_path):
 
 
 def test_projector_alignment_moves_only_the_projector_and_never_worsens_heldout_kl(tiny_llava_dir, tmp_path):
-    common = dict(n_samples=8, batch_size=4, wgroup=16, gptq=True, retain="none", progress=False)
+    common = dict(n_samples=8, batch_size=4, wgroup=16, gptq=True, retain="0.5", fusion_samples=3, progress=False)
     plain = run_calibration(tiny_llava_dir, tmp_path / "plain", **common)
     aligned = run_calibration(
         tiny_llava_dir, tmp_path / "aligned", align_steps=4, align_lr=3e-3, align_batch=4, **common
     )
-    rec = read_config(aligned)["alignment"]
+    cfg = read_config(aligned)
+    rec = cfg["alignment"]
+    assert cfg["fusion"]["holdout_samples"] == 3  # the fusion weights are learned after, on the aligned model
+    assert (aligned / "alignment.png").stat().st_size > 0 and not (tmp_path / "plain" / "alignment.png").exists()
     assert rec["steps"] == 4 and rec["train_questions"] == 16 and rec["curve"][-1]["step"] == 4
     assert rec["heldout_kl_after"] <= rec["heldout_kl_before"]
     sa, sb = load_artifact(plain)[0].state_dict(), load_artifact(aligned)[0].state_dict()
