@@ -71,7 +71,7 @@ def load_run(arg: str) -> dict:
     scorer, rho, layer = pick[0], float(pick[1]), int(pick[2]) if len(pick) > 2 else 0
     runs = [r for r in doc["runs"] if r["scorer"] == scorer and r["retain"] == rho and (r.get("layer") or 0) == layer]
     if not runs:
-        raise SystemExit(f"{path} has no run of scorer {scorer} at retain {rho:g}")
+        raise SystemExit(f"{path} has no run of scorer {scorer} at retain {rho:g}, K = {layer}")
     return {"predictions": [{"index": i, "correct": c} for i, c in enumerate(runs[0]["correct"])]}
 
 

@@ -16,7 +16,6 @@ unaligned projector, is a candidate), so alignment never makes that KL worse.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -145,6 +144,7 @@ def align_projector(
 
     Only the projector's parameters change; the model is left in eval mode with the best projector.
     """
+    from qavtp.models.train import warmup_cosine
     from qavtp.pruning import check_ratio
 
     if steps < 1:
@@ -165,12 +165,9 @@ def align_projector(
     model.eval()  # no dropout anywhere; gradients flow all the same
     held = _teacher_targets(teacher, processor, heldout, 16, bf16)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 10)
 
-    def lr_factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in proj.state_dict().items()}
 
     def evaluate(step: int, extra: dict) -> float:
         kls = _heldout_kl(model, adapter, held, ratios, bf16)
@@ -185,10 +182,10 @@ def align_projector(
         )
         return mean
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, steps // 10), steps))
     curve: list[dict] = []
     best_kl = evaluate(0, {})
-    best_step, best_state = 0, {k: v.detach().clone() for k, v in proj.state_dict().items()}
+    best_step, best_state = 0, snapshot()
     n = len(train)
     running = None
     bar = tqdm(total=steps, desc="aligning the projector to the quantized LLM", unit="step", disable=not progress)
@@ -210,7 +207,7 @@ def align_projector(
             kl = evaluate(step + 1, {"train_kl": round(running, 5)})
             if kl < best_kl:
                 best_kl, best_step = kl, step + 1
-                best_state = {k: v.detach().clone() for k, v in proj.state_dict().items()}
+                best_state = snapshot()
     bar.close()
     proj.load_state_dict(best_state)
     for p, flag in frozen.items():

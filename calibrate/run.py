@@ -93,7 +93,7 @@ def run_calibration(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
-    from qavtp.calibrate.align import align_projector, alignment_data, check_align_options
+    from qavtp.calibrate.align import align_projector, alignment_data, check_align_options, plot_alignment
     from qavtp.calibrate.fusion import (
         check_fusion_samples,
         check_objective,
@@ -240,7 +240,5 @@ def run_calibration(
         config["fusion"] = fusion
     out = save_artifact(output, net, config, overwrite=overwrite)
     if alignment is not None:
-        from qavtp.calibrate.align import plot_alignment
-
         plot_alignment(alignment, out / "alignment.png")
     return out

@@ -103,6 +103,17 @@ def reference_image(i: int) -> str:
     return image_path("train", i)
 
 
+def warmup_cosine(warm: int, total: int, floor: float = 0.0):
+    """Learning-rate factor per step: linear warm-up over ``warm`` steps, then a cosine to ``floor`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return factor
+
+
 def answer_batch(processor, rows):
     """Prompt ids with the answer and <|im_end|> appended; loss only on those tokens."""
     tok = processor.tokenizer
@@ -198,12 +209,7 @@ def stage2(
     total = schedule_steps or steps
     warm = min(50, total // 10 + 1)
 
-    def lr_factor(step):
-        if step < warm:
-            return (step + 1) / warm
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warm, total, floor=0.1))
     start = 0
     state_file = ckpt / f"{name}_state.pt"
     if state_file.is_file():
