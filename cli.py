@@ -217,6 +217,37 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
     click.echo(f"wrote {Path(artifact) / 'config.json'}")
 
 
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Aligned artifact directory.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Alignment steps.")
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="Learning rate.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Questions per step.")
+@click.option(
+    "--retain",
+    default="1",
+    show_default=True,
+    help="Retention ratios the projector is aligned for, cycled over the steps (1: the dense model).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@cache_option
+def align(artifact, output, steps, lr, batch_size, retain, overwrite, cache_dir):
+    """Align the projector of an existing ARTIFACT to its quantized LLM (as calibrate's --align-projector).
+
+    The floating-point projector is distilled from the source model through the frozen quantized LLM; an
+    artifact aligned before continues on new training questions. Fusion weights are learned again.
+    """
+    from qavtp.calibrate.align import align_artifact
+    from qavtp.calibrate.artifact import read_config
+
+    out = align_artifact(artifact, output, steps, lr, batch_size, retain, overwrite, cache_dir)
+    rec = read_config(out)["alignment"]
+    click.echo(
+        f"held-out KL {rec['heldout_kl_before']:.4f} -> {rec['heldout_kl_after']:.4f} (step {rec['best_step']} of "
+        f"{rec['steps']}, {rec['seconds']:.0f} s); wrote {out}"
+    )
+
+
 @main.command("eval")
 @click.argument("model", default=None, required=False)
 @click.option("--artifact", type=click.Path(), default=None, help="A calibration artifact to evaluate.")

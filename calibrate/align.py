@@ -25,29 +25,39 @@ from tqdm.auto import tqdm
 from qavtp.errors import QavtpError
 
 
-def check_align_options(steps: int, lr: float, batch_size: int) -> None:
+CALIBRATE_FLAGS = ("--align-projector", "--align-lr", "--align-batch", "--align-retain")
+ALIGN_FLAGS = ("--steps", "--lr", "--batch-size", "--retain")  # qavtp align's
+
+
+def check_align_options(steps: int, lr: float, batch_size: int, flags: tuple[str, ...] = CALIBRATE_FLAGS) -> None:
     if steps < 0:
-        raise QavtpError(f"--align-projector must be 0 (off) or a number of steps, got {steps}")
+        raise QavtpError(f"{flags[0]} must be 0 (off) or a number of steps, got {steps}")
     if steps and not lr > 0:
-        raise QavtpError(f"--align-lr must be positive, got {lr}")
+        raise QavtpError(f"{flags[1]} must be positive, got {lr}")
     if steps and batch_size < 1:
-        raise QavtpError(f"--align-batch must be at least 1, got {batch_size}")
+        raise QavtpError(f"{flags[2]} must be at least 1, got {batch_size}")
 
 
-def alignment_data(spec: str, steps: int, batch_size: int, heldout: int, seed: int):
+HELDOUT = 128  # held-out questions that pick the aligned projector's step
+
+
+def alignment_data(spec: str, steps: int, batch_size: int, heldout: int = HELDOUT, seed: int = 0, skip: int = 0):
     """Training and held-out questions from the train split, disjoint, seeded.
 
     ``steps * batch_size`` training questions (fewer if the split is small: training cycles through them)
-    and ``heldout`` questions (at most a quarter of the split) for choosing the step.
+    and ``heldout`` questions (at most a quarter of the split) for choosing the step. ``skip`` passes over the
+    first training questions (those an earlier alignment used), wrapping round at the end of the split; the
+    held-out questions stay the same, so KLs of a continued alignment compare with the earlier ones.
     """
     from qavtp.data import load_data
 
     ds = load_data(spec, "train").shuffle(seed=seed + 1)  # another draw than the calibration set's
     n_held = max(1, min(heldout, len(ds) // 4))
-    n_train = min(len(ds) - n_held, steps * batch_size)
+    pool = len(ds) - n_held
+    n_train = min(pool, steps * batch_size)
     if n_train < 1:
         raise QavtpError(f"data set {spec!r} is too small for projector alignment ({len(ds)} questions)")
-    return ds.select(range(n_held, n_held + n_train)), ds.select(range(n_held))
+    return ds.select([n_held + (skip + i) % pool for i in range(n_train)]), ds.select(range(n_held))
 
 
 def _answer_logprobs(model, enc, keep: int, mask: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -265,3 +275,74 @@ def plot_alignment(record: dict, path) -> None:
     finally:
         Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
+
+
+def align_artifact(
+    artifact_dir,
+    output,
+    steps: int = 200,
+    lr: float = 3e-4,
+    batch_size: int = 8,
+    retain: str | list[float] = "1",
+    overwrite: bool = False,
+    cache_dir=None,
+    progress: bool = True,
+):
+    """``qavtp align``: align the projector of an existing artifact and write the result as a new artifact.
+
+    The LLM's codes are the artifact's; an artifact aligned before continues from its projector on training
+    questions it has not seen. Fusion weights, if the artifact has them, are learned again for the new
+    projector, with the ratios, objective and sample count they were learned with.
+    """
+    import gc
+    from pathlib import Path
+
+    from qavtp.calibrate.artifact import activation_spec, calibration_questions, load_artifact, save_artifact
+    from qavtp.calibrate.fusion import fusion_targets, learn_fusion, parse_ratios
+    from qavtp.models.loading import load_model, resolve
+
+    if steps < 1:
+        raise QavtpError(f"--steps must be at least 1, got {steps}")
+    check_align_options(steps, lr, batch_size, ALIGN_FLAGS)
+    ratios = parse_ratios(retain)
+    if not ratios:
+        raise QavtpError(f"{ALIGN_FLAGS[3]} needs at least one retention ratio (1: the dense model)")
+    src, out = Path(artifact_dir), Path(output)
+    if out.exists() and not overwrite:
+        raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
+    model, processor, adapter, cfg = load_artifact(src)  # checks the schema and the source model first
+    teacher, _, _ = load_model(resolve(cfg["source"]["model"], cache_dir))
+    before = cfg.get("alignment")
+    done = before["train_questions"] if before else 0
+    seed = cfg["options"]["seed"]
+    train, held = alignment_data(cfg["data"]["spec"], steps, batch_size, seed=seed, skip=done)
+    record = align_projector(
+        adapter, teacher, processor, train, held, steps, batch_size=batch_size, lr=lr, ratios=ratios, progress=progress
+    )
+    if before:
+        record["continued_from"] = {k: before[k] for k in ("steps", "best_step", "heldout_kl_after", "train_questions")}
+    fusion = cfg.get("fusion")
+    if fusion:
+        # The fusion weights were chosen for the old projector's tokens: learn them again, as they were learned.
+        holdout = bool(fusion.get("holdout_samples"))  # 0: learned without a hold-out
+        fds, target, hold = fusion_targets(teacher, processor, calibration_questions(cfg), fusion["n_samples"], holdout)
+        del teacher
+        gc.collect()
+        cfg["fusion"] = learn_fusion(
+            adapter,
+            processor,
+            fds,
+            [float(r) for r in fusion["ratios"]],
+            target,
+            activation_spec(cfg),
+            fusion["objective"],
+            progress=progress,
+            holdout=hold,
+        )
+    cfg["alignment"] = record
+    cfg["options"]["align_steps"] = cfg["options"].get("align_steps", 0) + steps
+    cfg["aligned_from"] = str(src)
+    cfg.pop("schema_version")  # written anew: this qavtp's
+    written = save_artifact(out, model, cfg, overwrite=overwrite)
+    plot_alignment(record, written / "alignment.png")
+    return written

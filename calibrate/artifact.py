@@ -92,6 +92,14 @@ def read_config(artifact_dir: str | os.PathLike) -> dict:
     return cfg
 
 
+def calibration_questions(cfg: dict):
+    """The calibration questions an artifact was calibrated on (its data spec, size and seed)."""
+    from qavtp.data import load_data
+
+    data = cfg["data"]
+    return load_data(data["spec"], "train", limit=data["n_samples"], seed=data["seed"])
+
+
 def activation_spec(cfg: dict | None) -> QuantSpec | None:
     """The deployed activation quantizer of an artifact config (None: unquantized activations or no artifact)."""
     acts = (cfg or {}).get("options", {}).get("activations")

@@ -89,6 +89,19 @@ def holdout_subset(calibration_set, fusion_samples: int):
     return calibration_set.select(range(start, stop)) if stop > start else None
 
 
+def fusion_targets(fp_model, processor, calibration_set, fusion_samples: int, holdout: bool = True):
+    """What :func:`learn_fusion` needs from the floating-point model: ``(questions, target, holdout)``.
+
+    The questions are the first ``fusion_samples`` of the calibration set, the target their FP dense
+    log-probabilities, and ``holdout`` the next ``fusion_samples`` questions with their targets (None if off
+    or the set has no more questions).
+    """
+    fds = fusion_subset(calibration_set, fusion_samples)
+    hds = holdout_subset(calibration_set, fusion_samples) if holdout else None
+    held = (hds, dense_logprobs(fp_model, processor, hds)) if hds is not None else None
+    return fds, dense_logprobs(fp_model, processor, fds), held
+
+
 def parse_ratios(spec: str | float | list | tuple | None) -> list[float]:
     """``"0.5,0.25,0.125"`` -> ``[0.5, 0.25, 0.125]``, each checked to lie in (0, 1]; ``""``/``none`` -> ``[]``."""
     if spec is None:
@@ -404,8 +417,7 @@ def refit_fusion(
     import gc
     from pathlib import Path
 
-    from qavtp.calibrate.artifact import CONFIG, activation_spec, load_artifact, read_config
-    from qavtp.data import load_data
+    from qavtp.calibrate.artifact import CONFIG, activation_spec, calibration_questions, load_artifact, read_config
     from qavtp.io import atomic_write_json
     from qavtp.models.loading import load_model, resolve
 
@@ -414,13 +426,8 @@ def refit_fusion(
     if not ratios:
         raise QavtpError("name at least one retention ratio below 1 to learn fusion weights for")
     check_objective(objective)
-    data = cfg["data"]
-    calib = load_data(data["spec"], "train", limit=data["n_samples"], seed=data["seed"])
-    fds = fusion_subset(calib, fusion_samples)
-    hds = holdout_subset(calib, fusion_samples) if holdout else None
     fp, processor, _ = load_model(resolve(cfg["source"]["model"], cache_dir))
-    target = dense_logprobs(fp, processor, fds)
-    held = (hds, dense_logprobs(fp, processor, hds)) if hds is not None else None
+    fds, target, held = fusion_targets(fp, processor, calibration_questions(cfg), fusion_samples, holdout)
     del fp
     gc.collect()
     _, processor, adapter, cfg = load_artifact(artifact_dir)

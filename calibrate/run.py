@@ -20,8 +20,6 @@ from qavtp.calibrate.stats import observe_vision
 from qavtp.calibrate.vocab import quantize_vocab
 from qavtp.errors import QavtpError
 
-ALIGN_HELDOUT = 128  # held-out questions that pick the aligned projector's step
-
 
 def quant_specs(
     wbits: int, abits: int, wgroup: int, agroup: int, wsym: bool, asym: bool, aclip: float
@@ -94,15 +92,7 @@ def run_calibration(
     progress: bool = True,
 ) -> Path:
     from qavtp.calibrate.align import align_projector, alignment_data, check_align_options, plot_alignment
-    from qavtp.calibrate.fusion import (
-        check_fusion_samples,
-        check_objective,
-        dense_logprobs,
-        fusion_subset,
-        holdout_subset,
-        learn_fusion,
-        parse_ratios,
-    )
+    from qavtp.calibrate.fusion import check_fusion_samples, check_objective, fusion_targets, learn_fusion, parse_ratios
     from qavtp.data import load_data
     from qavtp.models.loading import load_model, resolve
 
@@ -148,10 +138,7 @@ def run_calibration(
     batches = calibration_batches(processor, ds, batch_size)
     t0 = time.time()
     # The KL objective's target is the floating-point model's answer distribution: taken before calibration.
-    fds = fusion_subset(ds, fusion_samples) if ratios else None
-    target = dense_logprobs(net, processor, fds) if ratios else None
-    hds = holdout_subset(ds, fusion_samples) if ratios and fusion_holdout else None
-    held = (hds, dense_logprobs(net, processor, hds)) if hds is not None else None
+    fds, target, held = fusion_targets(net, processor, ds, fusion_samples, fusion_holdout) if ratios else (None,) * 3
     vision = observe_vision(adapter, batches) if vision_stats else None
     reset_peak(dev)
     if kv_spec is not None:
@@ -184,7 +171,7 @@ def run_calibration(
     if align_steps:
         # The teacher is the checkpoint as it was: a second copy, since ``net`` is quantized in place by now.
         teacher, _, _ = load_model(path)
-        align_train, align_held = alignment_data(data_spec, align_steps, align_batch, ALIGN_HELDOUT, seed)
+        align_train, align_held = alignment_data(data_spec, align_steps, align_batch, seed=seed)
         alignment = align_projector(
             adapter,
             teacher,

@@ -425,3 +425,58 @@ def test_projector_alignment_learns_through_the_quantized_llm(tiny_llava_dir, pr
     if ratios == (1.0,):
         assert kl() < 0.5 * before  # test questions neither set saw
     assert all(torch.equal(v, llm[k]) for k, v in student.model.language_model.state_dict().items())
+
+
+def test_alignment_data_skips_what_an_earlier_alignment_used():
+    from qavtp.calibrate.align import alignment_data
+
+    first, held = alignment_data("easy-vqa", 3, 4, 16, seed=0)
+    more, held2 = alignment_data("easy-vqa", 3, 4, 16, seed=0, skip=12)
+    key = lambda ds: {(q, a, str(i)) for q, a, i in zip(ds["question"], ds["answer"], ds["image_id"], strict=True)}  # noqa: E731
+    assert len(first) == len(more) == 12 and held["question"] == held2["question"]
+    assert not key(first) & key(more) and not key(held) & (key(first) | key(more))
+
+
+def test_align_command_aligns_an_existing_artifact_and_relearns_fusion(tiny_llava_dir, tmp_path):
+    """``qavtp align``: a new artifact whose only changed tensors are the projector's, fusion learned again with
+    the same settings; aligning that one again continues on new questions."""
+    plain = run_calibration(
+        tiny_llava_dir, tmp_path / "plain", n_samples=8, wgroup=16, retain="0.5", fusion_samples=3, progress=False
+    )
+    run = CliRunner().invoke
+    res = run(main, ["align", str(plain), "-o", str(tmp_path / "a1"), "--steps", "4", "--lr", "3e-2",
+                     "--batch-size", "4", "--retain", "1,0.5"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "held-out KL" in res.output and f"wrote {tmp_path / 'a1'}" in res.output
+    before, cfg = read_config(plain), read_config(tmp_path / "a1")
+    rec = cfg["alignment"]
+    assert rec["steps"] == 4 and rec["ratios"] == [1.0, 0.5] and "continued_from" not in rec
+    assert cfg["options"]["align_steps"] == 4 and cfg["aligned_from"] == str(plain)
+    assert cfg["calibration"] == before["calibration"] and cfg["options"]["weights"] == before["options"]["weights"]
+    fb, fa = before["fusion"], cfg["fusion"]
+    assert fa["ratios"].keys() == fb["ratios"].keys() and fa["holdout_samples"] == fb["holdout_samples"] == 3
+    assert fa["objective"] == fb["objective"] and fa["n_samples"] == fb["n_samples"]
+    assert (tmp_path / "a1" / "alignment.png").stat().st_size > 0
+    sa, sb = load_artifact(plain)[0].state_dict(), load_artifact(tmp_path / "a1")[0].state_dict()
+    changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert all(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert bool(changed) == (rec["best_step"] > 0)
+    res = run(main, ["align", str(tmp_path / "a1"), "-o", str(tmp_path / "a2"), "--steps", "2", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    cfg2 = read_config(tmp_path / "a2")
+    assert cfg2["alignment"]["continued_from"]["steps"] == 4 and cfg2["options"]["align_steps"] == 6
+    kept = next(c for c in rec["curve"] if c["step"] == rec["best_step"])["by_ratio"]["1.0"]
+    assert cfg2["alignment"]["curve"][0]["by_ratio"] == {"1.0": kept}  # the same held-out questions
+
+
+def test_bad_align_inputs(tiny_llava_dir, tmp_path):
+    plain = run_calibration(tiny_llava_dir, tmp_path / "plain", n_samples=4, wgroup=16, retain="none", progress=False)
+    run = CliRunner().invoke
+    base = ["align", str(plain), "-o", str(tmp_path / "a")]
+    _one_line_error(run(main, [*base, "--steps", "0"]), "--steps must be at least 1")
+    _one_line_error(run(main, [*base, "--lr", "-1"]), "--lr must be positive")
+    _one_line_error(run(main, [*base, "--batch-size", "0"]), "--batch-size must be at least 1")
+    _one_line_error(run(main, [*base, "--retain", "1.5"]), "(0, 1]")
+    _one_line_error(run(main, ["align", str(tmp_path), "-o", str(tmp_path / "a")]), "is not a qavtp artifact")
+    _one_line_error(run(main, ["align", str(plain), "-o", str(plain)]), "exists; pass --overwrite")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
