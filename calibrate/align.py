@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from qavtp.errors import QavtpError
 
-
 CALIBRATE_FLAGS = ("--align-projector", "--align-lr", "--align-batch", "--align-retain")
 ALIGN_FLAGS = ("--steps", "--lr", "--batch-size", "--retain")  # qavtp align's
 
@@ -297,7 +296,13 @@ def align_artifact(
     import gc
     from pathlib import Path
 
-    from qavtp.calibrate.artifact import activation_spec, calibration_questions, load_artifact, save_artifact
+    from qavtp.calibrate.artifact import (
+        activation_spec,
+        calibration_questions,
+        load_artifact,
+        read_config,
+        save_artifact,
+    )
     from qavtp.calibrate.fusion import fusion_targets, learn_fusion, parse_ratios
     from qavtp.models.loading import load_model, resolve
 
@@ -310,8 +315,9 @@ def align_artifact(
     src, out = Path(artifact_dir), Path(output)
     if out.exists() and not overwrite:
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
-    model, processor, adapter, cfg = load_artifact(src)  # checks the schema and the source model first
-    teacher, _, _ = load_model(resolve(cfg["source"]["model"], cache_dir))
+    path = resolve(read_config(src)["source"]["model"], cache_dir)  # read_config checks the schema version
+    model, processor, adapter, cfg = load_artifact(src, path)  # and this the source model's fingerprint
+    teacher, _, _ = load_model(path)
     before = cfg.get("alignment")
     done = before["train_questions"] if before else 0
     seed = cfg["options"]["seed"]
