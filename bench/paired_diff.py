@@ -69,6 +69,11 @@ def load_run(arg: str) -> dict:
     if not pick:
         return doc
     scorer, rho, layer = pick[0], float(pick[1]), int(pick[2]) if len(pick) > 2 else 0
+    if "runs" not in doc:  # a plain evaluation: it must be that run
+        cfg = doc["config"]
+        if (cfg.get("scorer"), cfg.get("retain") or 1.0, cfg.get("layer") or 0) != (scorer, rho, layer):
+            raise SystemExit(f"{path} is one run of scorer {cfg.get('scorer')} at retain {cfg.get('retain') or 1:g}")
+        return doc
     runs = [r for r in doc["runs"] if r["scorer"] == scorer and r["retain"] == rho and (r.get("layer") or 0) == layer]
     if not runs:
         raise SystemExit(f"{path} has no run of scorer {scorer} at retain {rho:g}, K = {layer}")
