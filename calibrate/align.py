@@ -349,6 +349,4 @@ def align_artifact(
     cfg["options"]["align_steps"] = cfg["options"].get("align_steps", 0) + steps
     cfg["aligned_from"] = str(src)
     cfg.pop("schema_version")  # written anew: this qavtp's
-    written = save_artifact(out, model, cfg, overwrite=overwrite)
-    plot_alignment(record, written / "alignment.png")
-    return written
+    return save_artifact(out, model, cfg, overwrite, extras=lambda d: plot_alignment(record, d / "alignment.png"))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,8 +64,17 @@ def _stored_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_artifact(out_dir: str | os.PathLike, model: torch.nn.Module, config: dict, overwrite: bool = False) -> Path:
-    """Write ``config`` and the calibrated weights to ``out_dir`` via a temporary sibling + rename."""
+def save_artifact(
+    out_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    config: dict,
+    overwrite: bool = False,
+    extras: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write ``config`` and the calibrated weights to ``out_dir`` via a temporary sibling + rename.
+
+    ``extras(tmp)`` adds other files (plots) to the temporary directory, so they land with the rest or not at all.
+    """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
@@ -72,6 +82,8 @@ def save_artifact(out_dir: str | os.PathLike, model: torch.nn.Module, config: di
         save_file(_stored_state(model), str(tmp / WEIGHTS))
         full = {"schema_version": SCHEMA_VERSION, **config}
         (tmp / CONFIG).write_text(json.dumps(full, indent=2) + "\n")
+        if extras is not None:
+            extras(tmp)
     return out
 
 

@@ -225,7 +225,5 @@ def run_calibration(
         config["alignment"] = alignment
     if fusion is not None:
         config["fusion"] = fusion
-    out = save_artifact(output, net, config, overwrite=overwrite)
-    if alignment is not None:
-        plot_alignment(alignment, out / "alignment.png")
-    return out
+    plot = (lambda d: plot_alignment(alignment, d / "alignment.png")) if alignment is not None else None
+    return save_artifact(output, net, config, overwrite=overwrite, extras=plot)

@@ -469,7 +469,9 @@ def test_align_command_aligns_an_existing_artifact_and_relearns_fusion(tiny_llav
     assert cfg2["alignment"]["curve"][0]["by_ratio"] == {"1.0": kept}  # the same held-out questions
 
 
-def test_bad_align_inputs(tiny_llava_dir, tmp_path):
+def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
+    import qavtp.calibrate.align as align
+
     plain = run_calibration(tiny_llava_dir, tmp_path / "plain", n_samples=4, wgroup=16, retain="none", progress=False)
     run = CliRunner().invoke
     base = ["align", str(plain), "-o", str(tmp_path / "a")]
@@ -479,4 +481,12 @@ def test_bad_align_inputs(tiny_llava_dir, tmp_path):
     _one_line_error(run(main, [*base, "--retain", "1.5"]), "(0, 1]")
     _one_line_error(run(main, ["align", str(tmp_path), "-o", str(tmp_path / "a")]), "is not a qavtp artifact")
     _one_line_error(run(main, ["align", str(plain), "-o", str(plain)]), "exists; pass --overwrite")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
+
+    def broken_plot(record, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(align, "plot_alignment", broken_plot)  # the last file written: all or nothing lands
+    with pytest.raises(OSError, match="disk full"):
+        align.align_artifact(plain, tmp_path / "a", steps=1, batch_size=2, progress=False)
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
