@@ -241,11 +241,11 @@ def align_projector(
 
 
 def plot_alignment(record: dict, path) -> None:
-    """Held-out KL against step, one line per retention ratio (and the training KL), the kept step marked."""
-    import os
-    import tempfile
-    from pathlib import Path
+    """Held-out KL against step, one line per retention ratio (and the training KL), the kept step marked.
 
+    Written straight to ``path``: callers pass a path inside the artifact's temporary directory (``save_artifact``'s
+    ``extras``), which lands whole or not at all.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,14 +265,9 @@ def plot_alignment(record: dict, path) -> None:
     ax.set_title("projector alignment to the quantized LLM")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        fig.savefig(path, dpi=120)
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
 
 
