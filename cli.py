@@ -182,6 +182,13 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("--align-lr", type=float, default=3e-4, show_default=True, help="Projector alignment learning rate.")
 @click.option("--align-batch", type=int, default=8, show_default=True, help="Questions per alignment step.")
 @click.option(
+    "--align-vision-lr",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Learning rate of the vision tower during alignment (0: only the projector is aligned).",
+)
+@click.option(
     "--align-retain",
     default="1",
     show_default=True,
@@ -224,6 +231,13 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Learning rate.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Questions per step.")
 @click.option(
+    "--vision-lr",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Learning rate of the vision tower (0: only the projector is aligned).",
+)
+@click.option(
     "--retain",
     default="1",
     show_default=True,
@@ -231,7 +245,7 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @cache_option
-def align(artifact, output, steps, lr, batch_size, retain, overwrite, cache_dir):
+def align(artifact, output, steps, lr, batch_size, vision_lr, retain, overwrite, cache_dir):
     """Align the projector of an existing ARTIFACT to its quantized LLM (as calibrate's --align-projector).
 
     The floating-point projector is distilled from the source model through the frozen quantized LLM; an
@@ -240,7 +254,7 @@ def align(artifact, output, steps, lr, batch_size, retain, overwrite, cache_dir)
     from qavtp.calibrate.align import align_artifact
     from qavtp.calibrate.artifact import read_config
 
-    out = align_artifact(artifact, output, steps, lr, batch_size, retain, overwrite, cache_dir)
+    out = align_artifact(artifact, output, steps, lr, batch_size, retain, overwrite, cache_dir, vision_lr=vision_lr)
     rec = read_config(out)["alignment"]
     click.echo(
         f"held-out KL {rec['heldout_kl_before']:.4f} -> {rec['heldout_kl_after']:.4f} (step {rec['best_step']} of "

@@ -5,7 +5,8 @@ projector was trained through the frozen FP SmolLM2). The W4A4 LLM reads that pr
 the LLM's weights cannot move (they are integer codes now), but the projector, which stays in floating
 point, can: it is distilled from the floating-point model, ``KL(FP dense ‖ W4A4)`` over the whole vocabulary at
 every answer token of calibration questions, back-propagated through the frozen quantized LLM with
-straight-through activation quantizers. The teacher is the model itself before quantization, so
+straight-through activation quantizers (optionally the vision tower too, at its own, lower learning rate: it is
+floating point as well). The teacher is the model itself before quantization, so
 this recovers its behaviour and cannot teach it anything it did not know (the answers only set the
 positions where the two are compared).
 
@@ -24,17 +25,21 @@ from tqdm.auto import tqdm
 
 from qavtp.errors import QavtpError
 
-CALIBRATE_FLAGS = ("--align-projector", "--align-lr", "--align-batch", "--align-retain")
-ALIGN_FLAGS = ("--steps", "--lr", "--batch-size", "--retain")  # qavtp align's
+CALIBRATE_FLAGS = ("--align-projector", "--align-lr", "--align-batch", "--align-retain", "--align-vision-lr")
+ALIGN_FLAGS = ("--steps", "--lr", "--batch-size", "--retain", "--vision-lr")  # qavtp align's
 
 
-def check_align_options(steps: int, lr: float, batch_size: int, flags: tuple[str, ...] = CALIBRATE_FLAGS) -> None:
+def check_align_options(
+    steps: int, lr: float, batch_size: int, flags: tuple[str, ...] = CALIBRATE_FLAGS, vision_lr: float = 0.0
+) -> None:
     if steps < 0:
         raise QavtpError(f"{flags[0]} must be 0 (off) or a number of steps, got {steps}")
     if steps and not lr > 0:
         raise QavtpError(f"{flags[1]} must be positive, got {lr}")
     if steps and batch_size < 1:
         raise QavtpError(f"{flags[2]} must be at least 1, got {batch_size}")
+    if not vision_lr >= 0:
+        raise QavtpError(f"{flags[4]} must be 0 (tower frozen) or positive, got {vision_lr}")
 
 
 HELDOUT = 128  # held-out questions that pick the aligned projector's step
@@ -145,13 +150,15 @@ def align_projector(
     eval_every: int = 50,
     bf16: bool = True,
     progress: bool = True,
+    vision_lr: float = 0.0,
 ) -> dict:
     """Distil ``teacher`` (the floating-point model, dense) into the projector of ``adapter``'s quantized model
     for ``steps`` steps of ``batch_size`` questions from ``train`` (cycled); returns the record stored in the
     artifact. Step ``s`` keeps ``ratios[s % len(ratios)]`` of the visual tokens (1: all), so one projector
     learns to serve every retention ratio; the held-out KL that picks the step is the mean over the ratios.
 
-    Only the projector's parameters change; the model is left in eval mode with the best projector.
+    Only the projector's parameters change, and the vision tower's if ``vision_lr > 0``; the model is left in
+    eval mode with the best of them.
     """
     from qavtp.models.train import warmup_cosine
     from qavtp.pruning import check_ratio
@@ -163,20 +170,24 @@ def align_projector(
     ratios = [check_ratio(r) for r in ratios]
     t0 = time.time()
     model = adapter.model
-    proj = model.model.multi_modal_projector
+    trained = {"multi_modal_projector": model.model.multi_modal_projector}
+    if vision_lr > 0:
+        trained["vision_tower"] = model.model.vision_tower
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    params = list(proj.parameters())
+    lrs = {"multi_modal_projector": lr, "vision_tower": vision_lr}
+    groups = [{"params": list(m.parameters()), "lr": lrs[n]} for n, m in trained.items()]
+    params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
     teacher.eval()
     model.eval()  # no dropout anywhere; gradients flow all the same
     held = _teacher_targets(teacher, processor, heldout, 16, bf16)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
 
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in proj.state_dict().items()}
+    def snapshot() -> dict[str, dict[str, torch.Tensor]]:
+        return {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in trained.items()}
 
     def evaluate(step: int, extra: dict) -> float:
         kls = _heldout_kl(model, adapter, held, ratios, bf16)
@@ -218,17 +229,19 @@ def align_projector(
                 best_kl, best_step = kl, step + 1
                 best_state = snapshot()
     bar.close()
-    proj.load_state_dict(best_state)
+    for name, module in trained.items():
+        module.load_state_dict(best_state[name])
     for p, flag in frozen.items():
         p.requires_grad_(flag)
     return {
-        "target": "multi_modal_projector",
+        "target": "+".join(trained),
         "objective": "kl(fp dense || quantized, pruned to each ratio), all answer tokens, full vocabulary",
         "ratios": ratios,
         "pruning_scorer": "qapruner" if any(r < 1 for r in ratios) else None,
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
+        "vision_lr": vision_lr,
         "bf16": bf16,
         "train_questions": n,
         "heldout_questions": len(heldout),
@@ -281,6 +294,7 @@ def align_artifact(
     overwrite: bool = False,
     cache_dir=None,
     progress: bool = True,
+    vision_lr: float = 0.0,
 ):
     """``qavtp align``: align the projector of an existing artifact and write the result as a new artifact.
 
@@ -303,7 +317,7 @@ def align_artifact(
 
     if steps < 1:
         raise QavtpError(f"--steps must be at least 1, got {steps}")
-    check_align_options(steps, lr, batch_size, ALIGN_FLAGS)
+    check_align_options(steps, lr, batch_size, ALIGN_FLAGS, vision_lr)
     ratios = parse_ratios(retain)
     if not ratios:
         raise QavtpError(f"{ALIGN_FLAGS[3]} needs at least one retention ratio (1: the dense model)")
@@ -318,7 +332,17 @@ def align_artifact(
     seed = cfg["options"]["seed"]
     train, held = alignment_data(cfg["data"]["spec"], steps, batch_size, seed=seed, skip=done)
     record = align_projector(
-        adapter, teacher, processor, train, held, steps, batch_size=batch_size, lr=lr, ratios=ratios, progress=progress
+        adapter,
+        teacher,
+        processor,
+        train,
+        held,
+        steps,
+        batch_size=batch_size,
+        lr=lr,
+        ratios=ratios,
+        progress=progress,
+        vision_lr=vision_lr,
     )
     if before:
         record["continued_from"] = {k: before[k] for k in ("steps", "best_step", "heldout_kl_after", "train_questions")}
@@ -342,6 +366,8 @@ def align_artifact(
         )
     cfg["alignment"] = record
     cfg["options"]["align_steps"] = cfg["options"].get("align_steps", 0) + steps
+    # Once a tower has been aligned, the artifact keeps carrying it, whatever later alignments train.
+    cfg["options"]["aligned_vision"] = bool(cfg["options"].get("aligned_vision")) or vision_lr > 0
     cfg["aligned_from"] = str(src)
     cfg.pop("schema_version")  # written anew: this qavtp's
     return save_artifact(out, model, cfg, overwrite, extras=lambda d: plot_alignment(record, d / "alignment.png"))

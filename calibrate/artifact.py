@@ -1,7 +1,8 @@
 """The calibration artifact: safetensors + a versioned config.json, written atomically.
 
-Only what calibration changed is stored (the LLM, the LM head, the projector); the vision tower and
-everything else are read from the source checkpoint, which the artifact names and fingerprints.
+Only what calibration changed is stored (the LLM, the LM head, the projector, and the vision tower when
+alignment trained it); everything else is read from the source checkpoint, which the artifact names and
+fingerprints.
 4-bit codes are packed two per byte.
 """
 
@@ -33,6 +34,12 @@ READABLE_VERSIONS = (1, 2, 3)  # older artifacts mean the same under this reader
 CONFIG = "config.json"
 WEIGHTS = "quantized.safetensors"
 _STORED_PREFIXES = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
+_TOWER_PREFIX = "model.vision_tower."
+
+
+def _prefixes(config: dict) -> tuple[str, ...]:
+    # A reader that predates aligned towers loads these tensors all the same (they are the model's own names).
+    return _STORED_PREFIXES + ((_TOWER_PREFIX,) if config.get("options", {}).get("aligned_vision") else ())
 
 
 def fingerprint(model_dir: str | os.PathLike) -> str:
@@ -50,10 +57,10 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def _stored_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _stored_state(model: torch.nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in model.state_dict().items():
-        if not k.startswith(_STORED_PREFIXES):
+        if not k.startswith(prefixes):
             continue
         out[k] = v.detach().contiguous().clone()
     # Packed int4 codes: half the bytes of int8, as the artifact format promises.
@@ -79,7 +86,7 @@ def save_artifact(
     if out.exists() and not overwrite:
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
     with atomic_dir(out) as tmp:
-        save_file(_stored_state(model), str(tmp / WEIGHTS))
+        save_file(_stored_state(model, _prefixes(config)), str(tmp / WEIGHTS))
         full = {"schema_version": SCHEMA_VERSION, **config}
         (tmp / CONFIG).write_text(json.dumps(full, indent=2) + "\n")
         if extras is not None:
@@ -164,7 +171,7 @@ def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike 
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise QavtpError(f"artifact {d} holds tensors this model lacks, e.g. {unexpected[0]}")
-    lacking = [k for k in missing if k.startswith(_STORED_PREFIXES)]
+    lacking = [k for k in missing if k.startswith(_prefixes(cfg))]
     if lacking:
         raise QavtpError(f"artifact {d} lacks {len(lacking)} tensors, e.g. {lacking[0]}")
     model.eval()

@@ -87,6 +87,7 @@ def run_calibration(
     align_lr: float = 3e-4,
     align_batch: int = 8,
     align_retain: str | list[float] = "1",
+    align_vision_lr: float = 0.0,
     overwrite: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -117,7 +118,7 @@ def run_calibration(
     kv_spec = None if kv_bits == 16 else QuantSpec(kv_bits, False, 0, kv_clip)
     ratios = [r for r in parse_ratios(retain) if r < 1.0]
     check_objective(fusion_objective)
-    check_align_options(align_steps, align_lr, align_batch)
+    check_align_options(align_steps, align_lr, align_batch, vision_lr=align_vision_lr)
     align_ratios = parse_ratios(align_retain)
     if align_steps and not align_ratios:
         raise QavtpError("--align-retain needs at least one retention ratio (1: the dense model)")
@@ -183,6 +184,7 @@ def run_calibration(
             lr=align_lr,
             ratios=align_ratios,
             progress=progress,
+            vision_lr=align_vision_lr,
         )
         del teacher
     fusion = None
@@ -209,6 +211,7 @@ def run_calibration(
             "kv_cache": kv_spec.to_dict() if kv_spec else None,
             "a8": a8 if eight else None,
             "align_steps": align_steps,
+            "aligned_vision": bool(align_steps) and align_vision_lr > 0,
             "seed": seed,
         },
         # ru_maxrss is the process's peak resident memory (KiB on Linux): model + one layer's activations.

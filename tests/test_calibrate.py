@@ -469,6 +469,36 @@ def test_align_command_aligns_an_existing_artifact_and_relearns_fusion(tiny_llav
     assert cfg2["alignment"]["curve"][0]["by_ratio"] == {"1.0": kept}  # the same held-out questions
 
 
+def test_align_vision_tower_is_stored_and_carried(tiny_llava_dir, tmp_path):
+    """``--vision-lr``: the tower is aligned with the projector, stored in the artifact (the source checkpoint's
+    tower no longer describes the model) and loaded back; a later projector-only alignment keeps carrying it."""
+    from safetensors import safe_open
+
+    plain = run_calibration(tiny_llava_dir, tmp_path / "plain", n_samples=4, wgroup=16, retain="none", progress=False)
+    run = CliRunner().invoke
+    res = run(main, ["align", str(plain), "-o", str(tmp_path / "t"), "--steps", "3", "--lr", "3e-2",
+                     "--vision-lr", "3e-2", "--batch-size", "4"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cfg = read_config(tmp_path / "t")
+    assert cfg["alignment"]["target"] == "multi_modal_projector+vision_tower" and cfg["alignment"]["vision_lr"] == 3e-2
+    assert cfg["options"]["aligned_vision"] is True and not read_config(plain)["options"]["aligned_vision"]
+    sa, sb = load_artifact(plain)[0].state_dict(), load_artifact(tmp_path / "t")[0].state_dict()
+    changed = {k.split(".")[1] for k in sa if not torch.equal(sa[k], sb[k])}
+    assert changed == ({"multi_modal_projector", "vision_tower"} if cfg["alignment"]["best_step"] else set())
+
+    def tower_keys(art):
+        with safe_open(str(art / "quantized.safetensors"), "pt") as f:
+            return {k for k in f.keys() if k.startswith("model.vision_tower.")}
+
+    assert tower_keys(tmp_path / "t") and not tower_keys(plain)
+    res = run(main, ["align", str(tmp_path / "t"), "-o", str(tmp_path / "p"), "--steps", "1", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert read_config(tmp_path / "p")["options"]["aligned_vision"] is True
+    assert tower_keys(tmp_path / "p") == tower_keys(tmp_path / "t")
+    sp = load_artifact(tmp_path / "p")[0].state_dict()
+    assert all(torch.equal(sp[k], sb[k]) for k in sb if k.startswith("model.vision_tower."))
+
+
 def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
     import qavtp.calibrate.align as align
 
@@ -479,6 +509,7 @@ def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
     _one_line_error(run(main, [*base, "--lr", "-1"]), "--lr must be positive")
     _one_line_error(run(main, [*base, "--batch-size", "0"]), "--batch-size must be at least 1")
     _one_line_error(run(main, [*base, "--retain", "1.5"]), "(0, 1]")
+    _one_line_error(run(main, [*base, "--vision-lr", "-1"]), "--vision-lr must be 0 (tower frozen) or positive")
     _one_line_error(run(main, ["align", str(tmp_path), "-o", str(tmp_path / "a")]), "is not a qavtp artifact")
     _one_line_error(run(main, ["align", str(plain), "-o", str(plain)]), "exists; pass --overwrite")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
