@@ -170,14 +170,12 @@ def align_projector(
     ratios = [check_ratio(r) for r in ratios]
     t0 = time.time()
     model = adapter.model
-    trained = {"multi_modal_projector": model.model.multi_modal_projector}
-    if vision_lr > 0:
-        trained["vision_tower"] = model.model.vision_tower
+    rates = {"multi_modal_projector": lr, **({"vision_tower": vision_lr} if vision_lr > 0 else {})}
+    trained = {name: getattr(model.model, name) for name in rates}
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    lrs = {"multi_modal_projector": lr, "vision_tower": vision_lr}
-    groups = [{"params": list(m.parameters()), "lr": lrs[n]} for n, m in trained.items()]
+    groups = [{"params": list(m.parameters()), "lr": rates[n]} for n, m in trained.items()]
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
