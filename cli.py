@@ -189,6 +189,14 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     help="Learning rate of the vision tower during alignment (0: only the projector is aligned).",
 )
 @click.option(
+    "--align-scale-lr",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Learning rate of a gain on each quantized weight group's scale during alignment (0: scales frozen; "
+    "the integer codes never move).",
+)
+@click.option(
     "--align-retain",
     default="1",
     show_default=True,
@@ -238,6 +246,13 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
     help="Learning rate of the vision tower (0: only the projector is aligned).",
 )
 @click.option(
+    "--scale-lr",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Learning rate of a gain on each quantized weight group's scale (0: scales frozen; codes never move).",
+)
+@click.option(
     "--retain",
     default="1",
     show_default=True,
@@ -245,7 +260,7 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @cache_option
-def align(artifact, output, steps, lr, batch_size, vision_lr, retain, overwrite, cache_dir):
+def align(artifact, output, steps, lr, batch_size, vision_lr, scale_lr, retain, overwrite, cache_dir):
     """Align the projector of an existing ARTIFACT to its quantized LLM (as calibrate's --align-projector).
 
     The floating-point projector is distilled from the source model through the frozen quantized LLM; an
@@ -254,7 +269,9 @@ def align(artifact, output, steps, lr, batch_size, vision_lr, retain, overwrite,
     from qavtp.calibrate.align import align_artifact
     from qavtp.calibrate.artifact import read_config
 
-    out = align_artifact(artifact, output, steps, lr, batch_size, retain, overwrite, cache_dir, vision_lr=vision_lr)
+    out = align_artifact(
+        artifact, output, steps, lr, batch_size, retain, overwrite, cache_dir, vision_lr=vision_lr, scale_lr=scale_lr
+    )
     rec = read_config(out)["alignment"]
     click.echo(
         f"held-out KL {rec['heldout_kl_before']:.4f} -> {rec['heldout_kl_after']:.4f} (step {rec['best_step']} of "

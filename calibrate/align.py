@@ -6,7 +6,10 @@ the LLM's weights cannot move (they are integer codes now), but the projector, w
 point, can: it is distilled from the floating-point model, ``KL(FP dense ‖ W4A4)`` over the whole vocabulary at
 every answer token of calibration questions, back-propagated through the frozen quantized LLM with
 straight-through activation quantizers (optionally the vision tower too, at its own, lower learning rate: it is
-floating point as well). The teacher is the model itself before quantization, so
+floating point as well). The LLM's integer codes cannot move, but their floating-point group scales can:
+with ``scale_lr`` each weight group's scale is multiplied by a learned gain (initialised to 1, the codes fixed),
+as in PEQA / EfficientQAT's step-size training; the artifact stores the scaled scales, so the export is
+unchanged. The teacher is the model itself before quantization, so
 this recovers its behaviour and cannot teach it anything it did not know (the answers only set the
 positions where the two are compared).
 
@@ -23,14 +26,27 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qavtp.calibrate.quantizers import QuantWeight, dequantize_weight
 from qavtp.errors import QavtpError
 
-CALIBRATE_FLAGS = ("--align-projector", "--align-lr", "--align-batch", "--align-retain", "--align-vision-lr")
-ALIGN_FLAGS = ("--steps", "--lr", "--batch-size", "--retain", "--vision-lr")  # qavtp align's
+CALIBRATE_FLAGS = (
+    "--align-projector",
+    "--align-lr",
+    "--align-batch",
+    "--align-retain",
+    "--align-vision-lr",
+    "--align-scale-lr",
+)
+ALIGN_FLAGS = ("--steps", "--lr", "--batch-size", "--retain", "--vision-lr", "--scale-lr")  # qavtp align's
 
 
 def check_align_options(
-    steps: int, lr: float, batch_size: int, flags: tuple[str, ...] = CALIBRATE_FLAGS, vision_lr: float = 0.0
+    steps: int,
+    lr: float,
+    batch_size: int,
+    flags: tuple[str, ...] = CALIBRATE_FLAGS,
+    vision_lr: float = 0.0,
+    scale_lr: float = 0.0,
 ) -> None:
     if steps < 0:
         raise QavtpError(f"{flags[0]} must be 0 (off) or a number of steps, got {steps}")
@@ -40,6 +56,8 @@ def check_align_options(
         raise QavtpError(f"{flags[2]} must be at least 1, got {batch_size}")
     if not vision_lr >= 0:
         raise QavtpError(f"{flags[4]} must be 0 (tower frozen) or positive, got {vision_lr}")
+    if not scale_lr >= 0:
+        raise QavtpError(f"{flags[5]} must be 0 (weight scales frozen) or positive, got {scale_lr}")
 
 
 HELDOUT = 128  # held-out questions that pick the aligned projector's step
@@ -137,6 +155,37 @@ def _heldout_kl(model, adapter, held: list, ratios: list[float], bf16: bool) -> 
     return out
 
 
+class ScaleGains(torch.nn.Module):
+    """A learned gain on every group scale of every quantized weight (codes and zero points fixed).
+
+    The quantized modules cache their dequantized weight; :meth:`rebuild` recomputes it from
+    ``codes``, ``scale * gain`` and the zero points, differentiably, and must run before each forward pass
+    that should see the current gains. :meth:`fold` multiplies the gains into the scales for good.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.owners = [m for m in model.modules() if isinstance(m, QuantWeight)]  # a list: not submodules
+        self.gains = torch.nn.ParameterList([torch.nn.Parameter(torch.ones_like(m.scale)) for m in self.owners])
+
+    def rebuild(self) -> None:
+        for m, g in zip(self.owners, self.gains, strict=True):
+            m.weight = dequantize_weight(m.qweight, m.scale * g, m.zero, m.wspec, dtype=m.scale.dtype)
+
+    @torch.no_grad()
+    def fold(self) -> dict[str, float]:
+        """Scale the scales by the gains, rebuild the cached weights; returns the gains' spread."""
+        flat = torch.cat([g.detach().flatten() for g in self.gains])
+        for m, g in zip(self.owners, self.gains, strict=True):
+            m.scale.mul_(g)
+            m.refresh()
+        return {
+            "min": round(flat.min().item(), 4),
+            "max": round(flat.max().item(), 4),
+            "mean_abs_change": round((flat - 1).abs().mean().item(), 5),
+        }
+
+
 def align_projector(
     adapter,
     teacher,
@@ -151,14 +200,15 @@ def align_projector(
     bf16: bool = True,
     progress: bool = True,
     vision_lr: float = 0.0,
+    scale_lr: float = 0.0,
 ) -> dict:
     """Distil ``teacher`` (the floating-point model, dense) into the projector of ``adapter``'s quantized model
     for ``steps`` steps of ``batch_size`` questions from ``train`` (cycled); returns the record stored in the
     artifact. Step ``s`` keeps ``ratios[s % len(ratios)]`` of the visual tokens (1: all), so one projector
     learns to serve every retention ratio; the held-out KL that picks the step is the mean over the ratios.
 
-    Only the projector's parameters change, and the vision tower's if ``vision_lr > 0``; the model is left in
-    eval mode with the best of them.
+    Only the projector's parameters change, the vision tower's if ``vision_lr > 0`` and the quantized weights'
+    group scales if ``scale_lr > 0`` (:class:`ScaleGains`); the model is left in eval mode with the best of them.
     """
     from qavtp.models.train import warmup_cosine
     from qavtp.pruning import check_ratio
@@ -172,6 +222,12 @@ def align_projector(
     model = adapter.model
     rates = {"multi_modal_projector": lr, **({"vision_tower": vision_lr} if vision_lr > 0 else {})}
     trained = {name: getattr(model.model, name) for name in rates}
+    gains = ScaleGains(model) if scale_lr > 0 else None
+    if gains is not None:
+        if not gains.owners:
+            raise QavtpError("weight-scale alignment needs a model with quantized weights; this one has none")
+        trained["weight_scales"], rates["weight_scales"] = gains, scale_lr
+    rebuild = gains.rebuild if gains is not None else lambda: None
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -188,6 +244,8 @@ def align_projector(
         return {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in trained.items()}
 
     def evaluate(step: int, extra: dict) -> float:
+        with torch.no_grad():
+            rebuild()
         kls = _heldout_kl(model, adapter, held, ratios, bf16)
         mean = sum(kls.values()) / len(kls)
         curve.append(
@@ -212,10 +270,12 @@ def align_projector(
         (batch,) = _batches(processor, rows, batch_size)
         with torch.no_grad():
             target = _answer_logprobs(teacher, *batch[1:], bf16)
+        rebuild()
         loss = _kl(target, _student_logprobs(model, adapter, batch, ratios[step % len(ratios)], bf16))
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in groups:  # per group: the many scale gradients must not shrink the projector's steps
+            torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
         opt.step()
         sched.step()
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
@@ -229,6 +289,7 @@ def align_projector(
     bar.close()
     for name, module in trained.items():
         module.load_state_dict(best_state[name])
+    spread = gains.fold() if gains is not None else None
     for p, flag in frozen.items():
         p.requires_grad_(flag)
     return {
@@ -240,6 +301,8 @@ def align_projector(
         "batch_size": batch_size,
         "lr": lr,
         "vision_lr": vision_lr,
+        "scale_lr": scale_lr,
+        **({"scale_gains": spread} if spread else {}),
         "bf16": bf16,
         "train_questions": n,
         "heldout_questions": len(heldout),
@@ -293,6 +356,7 @@ def align_artifact(
     cache_dir=None,
     progress: bool = True,
     vision_lr: float = 0.0,
+    scale_lr: float = 0.0,
 ):
     """``qavtp align``: align the projector of an existing artifact and write the result as a new artifact.
 
@@ -315,7 +379,7 @@ def align_artifact(
 
     if steps < 1:
         raise QavtpError(f"--steps must be at least 1, got {steps}")
-    check_align_options(steps, lr, batch_size, ALIGN_FLAGS, vision_lr)
+    check_align_options(steps, lr, batch_size, ALIGN_FLAGS, vision_lr, scale_lr)
     ratios = parse_ratios(retain)
     if not ratios:
         raise QavtpError(f"{ALIGN_FLAGS[3]} needs at least one retention ratio (1: the dense model)")
@@ -341,6 +405,7 @@ def align_artifact(
         ratios=ratios,
         progress=progress,
         vision_lr=vision_lr,
+        scale_lr=scale_lr,
     )
     if before:
         record["continued_from"] = {k: before[k] for k in ("steps", "best_step", "heldout_kl_after", "train_questions")}

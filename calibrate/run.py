@@ -88,6 +88,7 @@ def run_calibration(
     align_batch: int = 8,
     align_retain: str | list[float] = "1",
     align_vision_lr: float = 0.0,
+    align_scale_lr: float = 0.0,
     overwrite: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -118,7 +119,7 @@ def run_calibration(
     kv_spec = None if kv_bits == 16 else QuantSpec(kv_bits, False, 0, kv_clip)
     ratios = [r for r in parse_ratios(retain) if r < 1.0]
     check_objective(fusion_objective)
-    check_align_options(align_steps, align_lr, align_batch, vision_lr=align_vision_lr)
+    check_align_options(align_steps, align_lr, align_batch, vision_lr=align_vision_lr, scale_lr=align_scale_lr)
     align_ratios = parse_ratios(align_retain)
     if align_steps and not align_ratios:
         raise QavtpError("--align-retain needs at least one retention ratio (1: the dense model)")
@@ -185,6 +186,7 @@ def run_calibration(
             ratios=align_ratios,
             progress=progress,
             vision_lr=align_vision_lr,
+            scale_lr=align_scale_lr,
         )
         del teacher
     fusion = None

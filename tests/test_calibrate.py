@@ -13,7 +13,7 @@ from safetensors import safe_open
 from qavtp.calibrate.artifact import fingerprint, load_artifact, read_config
 from qavtp.calibrate.kvcache import KV_ATTENTION
 from qavtp.calibrate.pipeline import calibrate_model, calibration_batches, sequential_groups
-from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec, fake_quant_activation
+from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec, dequantize_weight, fake_quant_activation
 from qavtp.calibrate.rotation import rotate_model
 from qavtp.calibrate.run import run_calibration
 from qavtp.calibrate.stats import InputStats, capture_layer_inputs, observe_layer
@@ -499,6 +499,66 @@ def test_align_vision_tower_is_stored_and_carried(tiny_llava_dir, tmp_path):
     assert all(torch.equal(sp[k], sb[k]) for k in sb if k.startswith("model.vision_tower."))
 
 
+def test_scale_gains_rebuild_differentiably_and_fold_into_the_scales():
+    from qavtp.calibrate.align import ScaleGains
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        QuantLinear.from_linear(torch.nn.Linear(32, 8), QuantSpec(4, True, 16)),
+        QuantLinear.from_linear(torch.nn.Linear(8, 4, bias=False), QuantSpec(4, False, 8)),  # with zero points
+    )
+    cached = [m.weight.clone() for m in net]
+    gains = ScaleGains(net)
+    assert [tuple(g.shape) for g in gains.gains] == [(8, 2), (4, 1)] and not list(gains.children())[1:]
+    gains.rebuild()
+    assert all(torch.equal(m.weight, w) for m, w in zip(net, cached, strict=True))  # gains of 1: the same weights
+    net(torch.randn(5, 32)).square().sum().backward()
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gains.gains)
+    codes = [(m.qweight.clone(), None if m.zero is None else m.zero.clone(), m.scale.clone()) for m in net]
+    with torch.no_grad():
+        gains.gains[0].mul_(1.5)
+        gains.gains[1][1, 0] = 0.5
+    spread = gains.fold()
+    assert spread == {"min": 0.5, "max": 1.5, "mean_abs_change": round((16 * 0.5 + 0.5) / 20, 5)}
+    for m, (q, z, scale), g in zip(net, codes, [1.5, torch.tensor([[1.0], [0.5], [1.0], [1.0]])], strict=True):
+        assert torch.equal(m.qweight, q) and (z is None or torch.equal(m.zero, z))
+        assert torch.allclose(m.scale, scale * g)
+        assert not m.weight.requires_grad and torch.equal(m.weight, dequantize_weight(q, m.scale, z, m.wspec))
+
+
+def test_align_scales_changes_only_scales_and_loads_back(tiny_llava_dir, tmp_path, monkeypatch):
+    """``--scale-lr``: the projector and the quantized weights' group scales move; codes and zero points do not,
+    and the artifact loads back to the model that was aligned."""
+    import qavtp.calibrate.align as align
+
+    plain = run_calibration(
+        tiny_llava_dir, tmp_path / "plain", n_samples=4, wgroup=16, vocab_bits=4, retain="none", progress=False
+    )
+    heldout_kl = align._heldout_kl
+    calls = []
+
+    def improving(*args):  # the tiny model's KL is ~3e-4 and noisy: make the last step the kept one
+        calls.append(heldout_kl(*args))
+        return {r: 1.0 / len(calls) for r in calls[-1]}
+
+    monkeypatch.setattr(align, "_heldout_kl", improving)
+    res = CliRunner().invoke(main, ["align", str(plain), "-o", str(tmp_path / "s"), "--steps", "3", "--lr", "1e-2",
+                                    "--scale-lr", "1e-2", "--batch-size", "4"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rec = read_config(tmp_path / "s")["alignment"]
+    assert rec["target"] == "multi_modal_projector+weight_scales" and rec["scale_lr"] == 1e-2
+    assert rec["best_step"] == 3 and rec["scale_gains"]["mean_abs_change"] > 1e-3
+    assert calls[0] != calls[1]  # the held-out KL saw the trained gains, not the cached weights
+    aligned = load_artifact(tmp_path / "s")[0]
+    sa, sb = load_artifact(plain)[0].state_dict(), aligned.state_dict()
+    changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert {k.rsplit(".", 1)[1] for k in changed if "projector" not in k} == {"scale"}  # weight: not stored
+    assert any(k.endswith("lm_head.scale") for k in changed) and any("embed_tokens.scale" in k for k in changed)
+    assert any("multi_modal_projector" in k for k in changed)
+    heads = [m for m in aligned.modules() if isinstance(m, QuantLinear)]
+    assert all(torch.equal(m.weight, dequantize_weight(m.qweight, m.scale, m.zero, m.wspec)) for m in heads)
+
+
 def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
     import qavtp.calibrate.align as align
 
@@ -510,6 +570,7 @@ def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
     _one_line_error(run(main, [*base, "--batch-size", "0"]), "--batch-size must be at least 1")
     _one_line_error(run(main, [*base, "--retain", "1.5"]), "(0, 1]")
     _one_line_error(run(main, [*base, "--vision-lr", "-1"]), "--vision-lr must be 0 (tower frozen) or positive")
+    _one_line_error(run(main, [*base, "--scale-lr", "-1"]), "--scale-lr must be 0 (weight scales frozen) or positive")
     _one_line_error(run(main, ["align", str(tmp_path), "-o", str(tmp_path / "a")]), "is not a qavtp artifact")
     _one_line_error(run(main, ["align", str(plain), "-o", str(plain)]), "exists; pass --overwrite")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
