@@ -197,6 +197,13 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     "the integer codes never move).",
 )
 @click.option(
+    "--align-positions",
+    type=click.Choice(["answer", "text"]),
+    default="answer",
+    show_default=True,
+    help="Where alignment compares the two models: the answer tokens, or every text token after the image.",
+)
+@click.option(
     "--align-retain",
     default="1",
     show_default=True,
@@ -253,6 +260,13 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
     help="Learning rate of a gain on each quantized weight group's scale (0: scales frozen; codes never move).",
 )
 @click.option(
+    "--positions",
+    type=click.Choice(["answer", "text"]),
+    default="answer",
+    show_default=True,
+    help="Where the two models are compared: the answer tokens, or every text token after the image.",
+)
+@click.option(
     "--retain",
     default="1",
     show_default=True,
@@ -260,7 +274,7 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @cache_option
-def align(artifact, output, steps, lr, batch_size, vision_lr, scale_lr, retain, overwrite, cache_dir):
+def align(artifact, output, steps, lr, batch_size, vision_lr, scale_lr, positions, retain, overwrite, cache_dir):
     """Align the projector of an existing ARTIFACT to its quantized LLM (as calibrate's --align-projector).
 
     The floating-point projector is distilled from the source model through the frozen quantized LLM; an
@@ -270,7 +284,17 @@ def align(artifact, output, steps, lr, batch_size, vision_lr, scale_lr, retain, 
     from qavtp.calibrate.artifact import read_config
 
     out = align_artifact(
-        artifact, output, steps, lr, batch_size, retain, overwrite, cache_dir, vision_lr=vision_lr, scale_lr=scale_lr
+        artifact,
+        output,
+        steps,
+        lr,
+        batch_size,
+        retain,
+        overwrite,
+        cache_dir,
+        vision_lr=vision_lr,
+        scale_lr=scale_lr,
+        positions=positions,
     )
     rec = read_config(out)["alignment"]
     click.echo(

@@ -130,6 +130,28 @@ def _batches(processor, data, batch_size: int):
         yield encode(processor, rows["image"], rows["prompt"]), enc, keep, labels != -100
 
 
+POSITIONS = ("answer", "text")
+
+
+def _text_positions(batch, image_token_id: int):
+    """The batch with its KL positions widened from the answer tokens to every text token after the image.
+
+    The prompts are left-padded, so the text after the image is right-aligned in the dense and in the pruned
+    sequence alike: the last ``keep`` positions hold the same tokens in both, and those at or before a row's last
+    visual token (which pruning moves) are masked out.
+    """
+    prompt_enc, enc, _, _ = batch
+    ids = enc["input_ids"]
+    length = ids.shape[1]
+    pos = torch.arange(length)
+    last_visual = torch.where(ids == image_token_id, pos, -1).amax(dim=1)
+    keep = length - 1 - int(last_visual.min())
+    mask = (pos[length - keep : length - 1].unsqueeze(0) > last_visual.unsqueeze(1)) & enc["attention_mask"][
+        :, length - keep : length - 1
+    ].bool()
+    return prompt_enc, enc, keep, mask
+
+
 def _student_logprobs(model, adapter, batch, rho: float, bf16: bool) -> torch.Tensor:
     prompt_enc, enc, keep, mask = batch
     if rho >= 1.0:
@@ -201,6 +223,7 @@ def align_projector(
     progress: bool = True,
     vision_lr: float = 0.0,
     scale_lr: float = 0.0,
+    positions: str = "answer",
 ) -> dict:
     """Distil ``teacher`` (the floating-point model, dense) into the projector of ``adapter``'s quantized model
     for ``steps`` steps of ``batch_size`` questions from ``train`` (cycled); returns the record stored in the
@@ -209,6 +232,8 @@ def align_projector(
 
     Only the projector's parameters change, the vision tower's if ``vision_lr > 0`` and the quantized weights'
     group scales if ``scale_lr > 0`` (:class:`ScaleGains`); the model is left in eval mode with the best of them.
+    ``positions="text"`` trains on the KL at every text token after the image (the question's too), a denser
+    signal than the answer tokens alone; the held-out KL that picks the step stays the answer tokens'.
     """
     from qavtp.models.train import warmup_cosine
     from qavtp.pruning import check_ratio
@@ -218,6 +243,8 @@ def align_projector(
     if len(train) == 0 or len(heldout) == 0:
         raise QavtpError("projector alignment needs training and held-out questions")
     ratios = [check_ratio(r) for r in ratios]
+    if positions not in POSITIONS:
+        raise QavtpError(f"unknown alignment positions {positions!r}; use one of {', '.join(POSITIONS)}")
     t0 = time.time()
     model = adapter.model
     rates = {"multi_modal_projector": lr, **({"vision_tower": vision_lr} if vision_lr > 0 else {})}
@@ -268,6 +295,8 @@ def align_projector(
     for step in range(steps):
         rows = train.select([(step * batch_size + k) % n for k in range(batch_size)])
         (batch,) = _batches(processor, rows, batch_size)
+        if positions == "text":
+            batch = _text_positions(batch, adapter.image_token_id)
         with torch.no_grad():
             target = _answer_logprobs(teacher, *batch[1:], bf16)
         rebuild()
@@ -294,7 +323,8 @@ def align_projector(
         p.requires_grad_(flag)
     return {
         "target": "+".join(trained),
-        "objective": "kl(fp dense || quantized, pruned to each ratio), all answer tokens, full vocabulary",
+        "objective": f"kl(fp dense || quantized, pruned to each ratio), all {positions} tokens, full vocabulary",
+        "positions": positions,
         "ratios": ratios,
         "pruning_scorer": "qapruner" if any(r < 1 for r in ratios) else None,
         "steps": steps,
@@ -357,6 +387,7 @@ def align_artifact(
     progress: bool = True,
     vision_lr: float = 0.0,
     scale_lr: float = 0.0,
+    positions: str = "answer",
 ):
     """``qavtp align``: align the projector of an existing artifact and write the result as a new artifact.
 
@@ -406,6 +437,7 @@ def align_artifact(
         progress=progress,
         vision_lr=vision_lr,
         scale_lr=scale_lr,
+        positions=positions,
     )
     if before:
         record["continued_from"] = {k: before[k] for k in ("steps", "best_step", "heldout_kl_after", "train_questions")}

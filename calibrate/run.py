@@ -89,6 +89,7 @@ def run_calibration(
     align_retain: str | list[float] = "1",
     align_vision_lr: float = 0.0,
     align_scale_lr: float = 0.0,
+    align_positions: str = "answer",
     overwrite: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -187,6 +188,7 @@ def run_calibration(
             progress=progress,
             vision_lr=align_vision_lr,
             scale_lr=align_scale_lr,
+            positions=align_positions,
         )
         del teacher
     fusion = None

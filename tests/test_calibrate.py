@@ -559,6 +559,33 @@ def test_align_scales_changes_only_scales_and_loads_back(tiny_llava_dir, tmp_pat
     assert all(torch.equal(m.weight, dequantize_weight(m.qweight, m.scale, m.zero, m.wspec)) for m in heads)
 
 
+def test_text_positions_cover_the_text_after_the_image(tiny_llava_dir, easyvqa_test):
+    """``positions="text"``: every text token after the image is predicted, the answer's included, and the pruned
+    student is compared at the same tokens as the dense one."""
+    from qavtp.calibrate.align import _answer_logprobs, _batches, _pruned_answer_logprobs, _text_positions
+
+    model, processor, adapter = load_model(tiny_llava_dir)
+    rows = easyvqa_test.select(range(5))
+    (batch,) = _batches(processor, rows, 5)
+    prompt_enc, enc, keep, mask = _text_positions(batch, adapter.image_token_id)
+    ids = enc["input_ids"]
+    length = ids.shape[1]
+    assert len({int(m.sum()) for m in mask}) > 1  # questions of different lengths
+    for b in range(len(rows)):
+        last_visual = max(i for i in range(length) if ids[b, i] == adapter.image_token_id)
+        predicted = [length - keep + j + 1 for j in range(keep - 1) if mask[b, j]]  # position p predicts token p + 1
+        assert predicted == list(range(last_visual + 2, length))
+    answer_keep, answer_mask = batch[2], batch[3]
+    assert mask[:, -(answer_keep - 1) :][answer_mask].all()
+    with torch.no_grad():
+        dense = _answer_logprobs(model, enc, keep, mask, False)
+        everything = _pruned_answer_logprobs(adapter, prompt_enc, enc, keep, mask, 1.0, False)
+        pruned = _pruned_answer_logprobs(adapter, prompt_enc, enc, keep, mask, 0.25, False)
+    assert dense.shape == pruned.shape == (int(mask.sum()), model.config.text_config.vocab_size)
+    torch.testing.assert_close(everything, dense, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(pruned, dense, atol=1e-3)
+
+
 def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
     import qavtp.calibrate.align as align
 
