@@ -44,6 +44,49 @@ fusion_holdout_option = click.option(
     "--fusion-samples calibration questions, which the search never sees; else store the preset.",
 )
 
+
+def align_options(prefix: str):
+    """Alignment options shared by ``calibrate`` (``--align-vision-lr`` ...) and ``align`` (``--vision-lr`` ...)."""
+    options = [
+        click.option(
+            f"{prefix}vision-lr",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Learning rate of the vision tower during alignment (0: only the projector is aligned).",
+        ),
+        click.option(
+            f"{prefix}scale-lr",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Learning rate of a gain on each quantized weight group's scale during alignment (0: scales "
+            "frozen; the integer codes never move).",
+        ),
+        click.option(
+            f"{prefix}positions",
+            type=click.Choice(["answer", "text"]),  # qavtp.calibrate.align.POSITIONS, not imported here
+            default="answer",
+            show_default=True,
+            help="Where alignment compares the two models: the answer tokens, or every text token after the image.",
+        ),
+        click.option(
+            f"{prefix}retain",
+            default="1",
+            show_default=True,
+            help="Retention ratios the projector is aligned for, cycled over the steps (1: the dense model; e.g. "
+            "1,0.5,0.25,0.125: the quantized model also sees its prompts pruned by the qapruner preset).",
+        ),
+    ]
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
 runtime_option = click.option(
     "--runtime",
     type=click.Choice(["onnxruntime", "openvino"]),  # qavtp.export.session.RUNTIMES, not imported here
@@ -181,35 +224,7 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 )
 @click.option("--align-lr", type=float, default=3e-4, show_default=True, help="Projector alignment learning rate.")
 @click.option("--align-batch", type=int, default=8, show_default=True, help="Questions per alignment step.")
-@click.option(
-    "--align-vision-lr",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Learning rate of the vision tower during alignment (0: only the projector is aligned).",
-)
-@click.option(
-    "--align-scale-lr",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Learning rate of a gain on each quantized weight group's scale during alignment (0: scales frozen; "
-    "the integer codes never move).",
-)
-@click.option(
-    "--align-positions",
-    type=click.Choice(["answer", "text"]),
-    default="answer",
-    show_default=True,
-    help="Where alignment compares the two models: the answer tokens, or every text token after the image.",
-)
-@click.option(
-    "--align-retain",
-    default="1",
-    show_default=True,
-    help="Retention ratios the projector is aligned for, cycled over the steps (e.g. 1,0.5,0.25,0.125: the "
-    "quantized model also sees its prompts pruned by the qapruner preset).",
-)
+@align_options("--align-")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
@@ -245,33 +260,7 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
 @click.option("--steps", type=int, default=200, show_default=True, help="Alignment steps.")
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Learning rate.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Questions per step.")
-@click.option(
-    "--vision-lr",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Learning rate of the vision tower (0: only the projector is aligned).",
-)
-@click.option(
-    "--scale-lr",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Learning rate of a gain on each quantized weight group's scale (0: scales frozen; codes never move).",
-)
-@click.option(
-    "--positions",
-    type=click.Choice(["answer", "text"]),
-    default="answer",
-    show_default=True,
-    help="Where the two models are compared: the answer tokens, or every text token after the image.",
-)
-@click.option(
-    "--retain",
-    default="1",
-    show_default=True,
-    help="Retention ratios the projector is aligned for, cycled over the steps (1: the dense model).",
-)
+@align_options("--")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @cache_option
 def align(artifact, output, steps, lr, batch_size, vision_lr, scale_lr, positions, retain, overwrite, cache_dir):
