@@ -571,3 +571,31 @@ def test_cli_eval_onnx_compares_with_torch(runtime, exports, tmp_path):
     bins = agree["same_answers_by_torch_margin"]
     assert sum(b["n"] for b in bins) == 8 and all(b["same"] == 1.0 for b in bins if b["n"])
     assert all(p["margin"] >= 0 for p in res["onnx"]["predictions"] + res["torch"]["predictions"])
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "ort"])
+def test_learned_group_scales_are_exported(fmt, vocab_artifact, tmp_path):
+    """Alignment with ``--scale-lr`` changes only the stored group scales: the graphs must carry them, in the
+    decoder linears, the quantized embedding and the LM head alike."""
+    from qavtp.calibrate.align import ScaleGains
+    from qavtp.calibrate.artifact import save_artifact
+
+    model, _, _, cfg = load_artifact(vocab_artifact)
+    gains = ScaleGains(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for g in gains.gains:
+            g.uniform_(0.8, 1.25)
+    gains.fold()
+    cfg.pop("schema_version")
+    scaled = save_artifact(tmp_path / "scaled", model, cfg)
+    before = {k: v for k, v in load_artifact(vocab_artifact)[0].state_dict().items() if k.endswith(".scale")}
+    after = load_artifact(scaled)[0].state_dict()
+    assert {k.split(".")[-2] for k in before if not torch.equal(before[k], after[k])} >= {"embed_tokens", "lm_head"}
+    out = export_model(str(scaled), tmp_path / "onnx", 0.25, "qapruner", fmt)
+    res = CliRunner().invoke(main, ["eval-onnx", str(out), "--limit", "8", "--compare", "-o", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert res["agreement"]["same_answers"] == 1.0 and res["agreement"]["same_kept_tokens"] == 1.0
+    margins = [[p["margin"] for p in res[k]["predictions"]] for k in ("torch", "onnx")]
+    assert np.allclose(*margins, atol=1e-2), margins  # ~2e-3 here; the unscaled graph's differ by 0.08
