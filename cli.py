@@ -286,9 +286,11 @@ def align(artifact, output, steps, lr, batch_size, vision_lr, scale_lr, position
         positions=positions,
     )
     rec = read_config(out)["alignment"]
+    gains = rec.get("scale_gains")
+    spread = f"; scale gains {gains['min']:.4f}-{gains['max']:.4f}" if gains else ""
     click.echo(
         f"held-out KL {rec['heldout_kl_before']:.4f} -> {rec['heldout_kl_after']:.4f} (step {rec['best_step']} of "
-        f"{rec['steps']}, {rec['seconds']:.0f} s); wrote {out}"
+        f"{rec['steps']}, {rec['seconds']:.0f} s){spread}; wrote {out}"
     )
 
 

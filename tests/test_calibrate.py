@@ -548,6 +548,7 @@ def test_align_scales_changes_only_scales_and_loads_back(tiny_llava_dir, tmp_pat
     rec = read_config(tmp_path / "s")["alignment"]
     assert rec["target"] == "multi_modal_projector+weight_scales" and rec["scale_lr"] == 1e-2
     assert rec["best_step"] == 3 and rec["scale_gains"]["mean_abs_change"] > 1e-3
+    assert f"scale gains {rec['scale_gains']['min']:.4f}-{rec['scale_gains']['max']:.4f}" in res.output
     assert calls[0] != calls[1]  # the held-out KL saw the trained gains, not the cached weights
     aligned = load_artifact(tmp_path / "s")[0]
     sa, sb = load_artifact(plain)[0].state_dict(), aligned.state_dict()
