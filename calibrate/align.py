@@ -146,9 +146,8 @@ def _text_positions(batch, image_token_id: int):
     pos = torch.arange(length)
     last_visual = torch.where(ids == image_token_id, pos, -1).amax(dim=1)
     keep = length - 1 - int(last_visual.min())
-    mask = (pos[length - keep : length - 1].unsqueeze(0) > last_visual.unsqueeze(1)) & enc["attention_mask"][
-        :, length - keep : length - 1
-    ].bool()
+    window = slice(length - keep, length - 1)  # the positions whose logits are compared (the last one predicts nothing)
+    mask = (pos[window].unsqueeze(0) > last_visual.unsqueeze(1)) & enc["attention_mask"][:, window].bool()
     return prompt_enc, enc, keep, mask
 
 
