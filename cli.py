@@ -36,6 +36,13 @@ cache_option = click.option(
     default=None,
     help="Where the reference model is assembled (default $QAVTP_CACHE or ~/.cache/qavtp).",
 )
+
+
+def device_option(what: str):
+    """``--device`` for the commands that can run on a GPU; ``what`` says which part runs there."""
+    return click.option("--device", default="cpu", show_default=True, help=f"cpu, cuda or cuda:N: {what}")
+
+
 fusion_holdout_option = click.option(
     "--fusion-holdout/--no-fusion-holdout",
     default=True,
@@ -189,13 +196,10 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     is_flag=True,
     help="Also record the input statistics of the vision tower's and projector's linears (they stay float).",
 )
-@click.option(
-    "--device",
-    default="cpu",
-    show_default=True,
-    help="Where the layer-by-layer work (rotation, statistics, GPTQ) runs: cpu, cuda or cuda:N. The model stays in "
-    "host memory and one decoder layer at a time visits the device, so a 7B/13B model calibrates on one GPU. "
-    "Fusion learning runs on the CPU.",
+@device_option(
+    "where the layer-by-layer work (rotation, statistics, GPTQ) runs. The model stays in host memory and one "
+    "decoder layer at a time visits the device, so a 7B/13B model calibrates on one GPU. Fusion learning runs on "
+    "the CPU."
 )
 @click.option(
     "--retain",
@@ -261,9 +265,12 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Learning rate.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Questions per step.")
 @align_options("--")
+@device_option("where the alignment runs (the student and the teacher both); fusion learning runs on the CPU.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @cache_option
-def align(artifact, output, steps, lr, batch_size, vision_lr, scale_lr, positions, retain, overwrite, cache_dir):
+def align(
+    artifact, output, steps, lr, batch_size, vision_lr, scale_lr, positions, retain, device, overwrite, cache_dir
+):
     """Align the projector of an existing ARTIFACT to its quantized LLM (as calibrate's --align-projector).
 
     The floating-point projector is distilled from the source model through the frozen quantized LLM; an
@@ -284,6 +291,7 @@ def align(artifact, output, steps, lr, batch_size, vision_lr, scale_lr, position
         vision_lr=vision_lr,
         scale_lr=scale_lr,
         positions=positions,
+        device=device,
     )
     rec = read_config(out)["alignment"]
     gains = rec.get("scale_gains")
@@ -338,6 +346,7 @@ def align(artifact, output, steps, lr, batch_size, vision_lr, scale_lr, position
 @click.option(
     "-o", "--output", type=click.Path(file_okay=False), default=None, help="Directory for results.json and results.md."
 )
+@device_option("where the model runs (dense --mode loglik; pruning, sweeps and generation run on the CPU).")
 @cache_option
 def eval_cmd(
     model,
@@ -357,6 +366,7 @@ def eval_cmd(
     with_fp,
     fp_scorers,
     output,
+    device,
     cache_dir,
 ):
     """Accuracy of MODEL (a local LLaVA directory or smollava-easyvqa) on a VQA data set."""
@@ -385,6 +395,11 @@ def eval_cmd(
 
         cfg = read_config(artifact)
     check_fusion(cfg, scorers, ratios)  # fail before loading anything
+    from qavtp.calibrate.offload import describe, resolve_device, visiting
+
+    if device != "cpu" and (ratios or len(scorers) > 1 or with_fp or mode != "loglik"):
+        raise QavtpError(f"--device {device} runs dense --mode loglik only; pruning, sweeps and generation use the CPU")
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
     if len(ratios) > 1 or len(scorers) > 1 or with_fp:
@@ -416,8 +431,10 @@ def eval_cmd(
         check_layer(len(adapter.decoder_layers), layer_k)
         prune = pruning_for(adapter, scorers[0], rho, cfg, seed, layer_k)
     t0 = time.time()
-    results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode, prune=prune)
+    with visiting(net, dev):
+        results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode, prune=prune)
     results["seconds"] = round(time.time() - t0, 1)
+    results["device"] = describe(dev)
     results["config"] = dict(
         model=str(model),
         data=data_spec,

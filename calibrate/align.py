@@ -84,7 +84,7 @@ def alignment_data(spec: str, steps: int, batch_size: int, heldout: int = HELDOU
 
 def _answer_logprobs(model, enc, keep: int, mask: torch.Tensor, bf16: bool) -> torch.Tensor:
     """Log-probabilities over the vocabulary at every answer position, ``[n_positions, vocab]``."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(**enc, logits_to_keep=keep).logits[:, :-1]
     return F.log_softmax(logits.float()[mask], dim=-1)
 
@@ -99,7 +99,7 @@ def _pruned_answer_logprobs(adapter, prompt_enc, enc, keep: int, mask: torch.Ten
     from qavtp.pruning import prune_sequence, select_tokens
     from qavtp.scoring import score_tokens
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=bf16):
         with torch.no_grad():
             vis = adapter.visual_positions(prompt_enc["input_ids"])
             emb = adapter.embed(prompt_enc["input_ids"], prompt_enc["pixel_values"]).float()
@@ -120,14 +120,21 @@ def _kl(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
     return (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1).mean()
 
 
-def _batches(processor, data, batch_size: int):
+def _batches(processor, data, batch_size: int, device: torch.device | None = None):
     from qavtp.evaluate import encode
     from qavtp.models.train import answer_batch
 
     for s in range(0, len(data), batch_size):
         rows = data[s : s + batch_size]
         enc, keep, labels = answer_batch(processor, rows)
-        yield encode(processor, rows["image"], rows["prompt"]), enc, keep, labels != -100
+        prompt_enc = encode(processor, rows["image"], rows["prompt"])
+        yield _to(prompt_enc, device), _to(enc, device), keep, (labels != -100).to(device)
+
+
+def _to(enc, device: torch.device | None):
+    if device is None:
+        return enc
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
 
 
 POSITIONS = ("answer", "text")
@@ -143,7 +150,7 @@ def _text_positions(batch, image_token_id: int):
     prompt_enc, enc, _, _ = batch
     ids = enc["input_ids"]
     length = ids.shape[1]
-    pos = torch.arange(length)
+    pos = torch.arange(length, device=ids.device)
     last_visual = torch.where(ids == image_token_id, pos, -1).amax(dim=1)
     keep = length - 1 - int(last_visual.min())
     window = slice(length - keep, length - 1)  # the positions whose logits are compared (the last one predicts nothing)
@@ -159,8 +166,8 @@ def _student_logprobs(model, adapter, batch, rho: float, bf16: bool) -> torch.Te
 
 
 @torch.no_grad()
-def _teacher_targets(teacher, processor, data, batch_size: int, bf16: bool) -> list:
-    return [(b, _answer_logprobs(teacher, *b[1:], bf16)) for b in _batches(processor, data, batch_size)]
+def _teacher_targets(teacher, processor, data, batch_size: int, bf16: bool, device=None) -> list:
+    return [(b, _answer_logprobs(teacher, *b[1:], bf16)) for b in _batches(processor, data, batch_size, device)]
 
 
 @torch.no_grad()
@@ -223,6 +230,7 @@ def align_projector(
     vision_lr: float = 0.0,
     scale_lr: float = 0.0,
     positions: str = "answer",
+    device: torch.device | None = None,
 ) -> dict:
     """Distil ``teacher`` (the floating-point model, dense) into the projector of ``adapter``'s quantized model
     for ``steps`` steps of ``batch_size`` questions from ``train`` (cycled); returns the record stored in the
@@ -233,6 +241,7 @@ def align_projector(
     group scales if ``scale_lr > 0`` (:class:`ScaleGains`); the model is left in eval mode with the best of them.
     ``positions="text"`` trains on the KL at every text token after the image (the question's too), a denser
     signal than the answer tokens alone; the held-out KL that picks the step stays the answer tokens'.
+    The questions go to ``device`` (default the CPU), where ``adapter.model`` and ``teacher`` must already be.
     """
     from qavtp.models.train import warmup_cosine
     from qavtp.pruning import check_ratio
@@ -263,7 +272,7 @@ def align_projector(
         p.requires_grad_(True)
     teacher.eval()
     model.eval()  # no dropout anywhere; gradients flow all the same
-    held = _teacher_targets(teacher, processor, heldout, 16, bf16)
+    held = _teacher_targets(teacher, processor, heldout, 16, bf16, device)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def snapshot() -> dict[str, dict[str, torch.Tensor]]:
@@ -293,7 +302,7 @@ def align_projector(
     bar = tqdm(total=steps, desc="aligning the projector to the quantized LLM", unit="step", disable=not progress)
     for step in range(steps):
         rows = train.select([(step * batch_size + k) % n for k in range(batch_size)])
-        (batch,) = _batches(processor, rows, batch_size)
+        (batch,) = _batches(processor, rows, batch_size, device)
         if positions == "text":
             batch = _text_positions(batch, adapter.image_token_id)
         with torch.no_grad():
@@ -387,12 +396,14 @@ def align_artifact(
     vision_lr: float = 0.0,
     scale_lr: float = 0.0,
     positions: str = "answer",
+    device: str | None = None,
 ):
     """``qavtp align``: align the projector of an existing artifact and write the result as a new artifact.
 
     The LLM's codes are the artifact's; an artifact aligned before continues from its projector on training
     questions it has not seen. Fusion weights, if the artifact has them, are learned again for the new
-    projector, with the ratios, objective and sample count they were learned with.
+    projector, with the ratios, objective and sample count they were learned with. ``device`` (cuda, cuda:N)
+    runs the alignment there, student and teacher both; fusion learning stays on the CPU.
     """
     import gc
     from pathlib import Path
@@ -405,6 +416,7 @@ def align_artifact(
         save_artifact,
     )
     from qavtp.calibrate.fusion import fusion_targets, learn_fusion, parse_ratios
+    from qavtp.calibrate.offload import describe, resolve_device, visiting
     from qavtp.models.loading import load_model, resolve
 
     if steps < 1:
@@ -413,6 +425,7 @@ def align_artifact(
     ratios = parse_ratios(retain)
     if not ratios:
         raise QavtpError(f"{ALIGN_FLAGS[3]} needs at least one retention ratio (1: the dense model)")
+    dev = resolve_device(device)
     src, out = Path(artifact_dir), Path(output)
     if out.exists() and not overwrite:
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
@@ -423,21 +436,24 @@ def align_artifact(
     done = before["train_questions"] if before else 0
     seed = cfg["options"]["seed"]
     train, held = alignment_data(cfg["data"]["spec"], steps, batch_size, seed=seed, skip=done)
-    record = align_projector(
-        adapter,
-        teacher,
-        processor,
-        train,
-        held,
-        steps,
-        batch_size=batch_size,
-        lr=lr,
-        ratios=ratios,
-        progress=progress,
-        vision_lr=vision_lr,
-        scale_lr=scale_lr,
-        positions=positions,
-    )
+    with visiting(model, dev), visiting(teacher, dev):
+        record = align_projector(
+            adapter,
+            teacher,
+            processor,
+            train,
+            held,
+            steps,
+            batch_size=batch_size,
+            lr=lr,
+            ratios=ratios,
+            progress=progress,
+            vision_lr=vision_lr,
+            scale_lr=scale_lr,
+            positions=positions,
+            device=dev,
+        )
+    record["device"] = describe(dev)
     if before:
         record["continued_from"] = {k: before[k] for k in ("steps", "best_step", "heldout_kl_after", "train_questions")}
     fusion = cfg.get("fusion")

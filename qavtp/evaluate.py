@@ -49,6 +49,11 @@ def encode(processor, images, texts: Sequence[str], suffixes: Sequence[list[int]
     return out
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights are (the inputs go there too)."""
+    return next(model.parameters(), next(model.buffers(), torch.empty(0))).device
+
+
 def choice_ids(tokenizer, choice: str) -> list[int]:
     return tokenizer(choice, add_special_tokens=False).input_ids
 
@@ -81,6 +86,7 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
     """
     tok = processor.tokenizer
     pad = tok.pad_token_id
+    dev = model_device(model)
     enc = encode(processor, images, texts)
     ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
     pix_row, k = [], 0
@@ -105,11 +111,11 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
     heads = [first_row[g] for g in range(len(groups))]
 
     # (1) prefixes, one per distinct image
-    p_ids, p_mask = _pad([ids[r][: cut[r]] for r in heads], pad, left=True)
+    p_ids, p_mask = (t.to(dev) for t in _pad([ids[r][: cut[r]] for r in heads], pad, left=True))
     kwargs = {}
     pix = [pix_row[r] for r in heads if pix_row[r] is not None]
     if pix:
-        kwargs["pixel_values"] = enc["pixel_values"][pix]
+        kwargs["pixel_values"] = enc["pixel_values"][pix].to(dev)
     out = model(
         input_ids=p_ids,
         attention_mask=p_mask,
@@ -119,11 +125,11 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
         **kwargs,
     )
     cache = out.cache
-    gidx = torch.tensor(group_of)
+    gidx = torch.tensor(group_of, device=dev)
     cache.reorder_cache(gidx)
 
     # (2) the rest of every prompt
-    s_ids, s_mask = _pad([ids[r][cut[r] :] for r in range(len(ids))], pad, left=False)
+    s_ids, s_mask = (t.to(dev) for t in _pad([ids[r][cut[r] :] for r in range(len(ids))], pad, left=False))
     attn = torch.cat([p_mask[gidx], s_mask], 1)
     start = p_mask.sum(1)[gidx]
     s_len = s_mask.sum(1)
@@ -132,19 +138,21 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
     out = model(
         input_ids=s_ids,
         attention_mask=attn,
-        position_ids=start[:, None] + torch.arange(s_ids.shape[1]),
+        position_ids=start[:, None] + torch.arange(s_ids.shape[1], device=dev),
         cache=cache,
-        logits_to_keep=torch.tensor(keep),
+        logits_to_keep=torch.tensor(keep, device=dev),
     )
-    at = torch.tensor([keep.index(i) for i in last])
-    first = out.logits[torch.arange(len(ids)), at].float().log_softmax(-1)
+    at = torch.tensor([keep.index(i) for i in last], device=dev)
+    # Scoring reads single entries: one copy to the host instead of one per entry.
+    first = out.logits[torch.arange(len(ids), device=dev), at].float().log_softmax(-1).cpu()
     cache, next_pos = out.cache, start + s_len
 
     def continue_fn(rows, c_ids, c_mask):
+        rows, c_ids, c_mask = rows.to(dev), c_ids.to(dev), c_mask.to(dev)
         cache.reorder_cache(rows)
         attn2 = torch.cat([attn[rows], c_mask], 1)
-        pos2 = next_pos[rows][:, None] + torch.arange(c_ids.shape[1])
-        return model(input_ids=c_ids, attention_mask=attn2, position_ids=pos2, cache=cache).logits
+        pos2 = next_pos[rows][:, None] + torch.arange(c_ids.shape[1], device=dev)
+        return model(input_ids=c_ids, attention_mask=attn2, position_ids=pos2, cache=cache).logits.cpu()
 
     return _score_candidates(tok, first, choices, continue_fn)
 

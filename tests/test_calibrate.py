@@ -526,9 +526,10 @@ def test_scale_gains_rebuild_differentiably_and_fold_into_the_scales():
         assert not m.weight.requires_grad and torch.equal(m.weight, dequantize_weight(q, m.scale, z, m.wspec))
 
 
-def test_align_scales_changes_only_scales_and_loads_back(tiny_llava_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", OFFLOAD_DEVICES)
+def test_align_scales_changes_only_scales_and_loads_back(tiny_llava_dir, tmp_path, monkeypatch, device):
     """``--scale-lr``: the projector and the quantized weights' group scales move; codes and zero points do not,
-    and the artifact loads back to the model that was aligned."""
+    and the artifact loads back to the model that was aligned (also when ``--device`` ran the alignment)."""
     import qavtp.calibrate.align as align
 
     plain = run_calibration(
@@ -543,9 +544,10 @@ def test_align_scales_changes_only_scales_and_loads_back(tiny_llava_dir, tmp_pat
 
     monkeypatch.setattr(align, "_heldout_kl", improving)
     res = CliRunner().invoke(main, ["align", str(plain), "-o", str(tmp_path / "s"), "--steps", "3", "--lr", "1e-2",
-                                    "--scale-lr", "1e-2", "--batch-size", "4"])  # fmt: skip
+                                    "--scale-lr", "1e-2", "--batch-size", "4", "--device", device])  # fmt: skip
     assert res.exit_code == 0, res.output
     rec = read_config(tmp_path / "s")["alignment"]
+    assert rec["device"].split(" ")[0] == device
     assert rec["target"] == "multi_modal_projector+weight_scales" and rec["scale_lr"] == 1e-2
     assert rec["best_step"] == 3 and rec["scale_gains"]["mean_abs_change"] > 1e-3
     assert f"scale gains {rec['scale_gains']['min']:.4f}-{rec['scale_gains']['max']:.4f}" in res.output
@@ -599,6 +601,9 @@ def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
     _one_line_error(run(main, [*base, "--retain", "1.5"]), "(0, 1]")
     _one_line_error(run(main, [*base, "--vision-lr", "-1"]), "--vision-lr must be 0 (tower frozen) or positive")
     _one_line_error(run(main, [*base, "--scale-lr", "-1"]), "--scale-lr must be 0 (weight scales frozen) or positive")
+    _one_line_error(run(main, [*base, "--device", "meta"]), "only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        _one_line_error(run(main, [*base, "--device", "cuda"]), "torch sees no CUDA device")
     _one_line_error(run(main, ["align", str(tmp_path), "-o", str(tmp_path / "a")]), "is not a qavtp artifact")
     _one_line_error(run(main, ["align", str(plain), "-o", str(plain)]), "exists; pass --overwrite")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))

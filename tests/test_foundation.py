@@ -112,6 +112,22 @@ def test_evaluate_reports_per_type_and_odd_images(tiny_llava_dir, easyvqa_test):
     assert gen["n"] == 4
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_evaluate_on_a_device_scores_as_on_the_cpu(tiny_llava_dir, easyvqa_test, device):
+    """The model on ``device`` (``qavtp eval --device``): the questions follow it and the scores match the CPU's."""
+    from qavtp.calibrate.offload import visiting
+
+    model, processor, _ = load_model(tiny_llava_dir)
+    ds = easyvqa_test.select(range(6))
+    args = (processor, ds["image"], ds["prompt"], ds["choices"])
+    ref = choice_logprobs(model, processor, *args[1:])
+    with visiting(model, torch.device(device)):
+        ours = choice_logprobs(model, *args)
+    assert next(model.parameters()).device.type == "cpu"
+    for a, b in zip(ours, ref, strict=True):
+        assert a == pytest.approx(b, abs=1e-3)
+
+
 def test_cli_eval_writes_json_and_markdown(tiny_llava_dir, tmp_path):
     out = tmp_path / "res"
     r = CliRunner().invoke(main, ["eval", str(tiny_llava_dir), "--limit", "6", "--batch-size", "3", "-o", str(out)])
@@ -133,6 +149,9 @@ def _one_line_error(result, *needles):
 def test_bad_model_inputs_give_one_line(tiny_llava_dir, tmp_path):
     run = CliRunner().invoke
     _one_line_error(run(main, ["eval", str(tmp_path / "nope"), "--limit", "2"]), "model directory not found")
+    pruned_on_gpu = run(main, ["eval", "--device", "cuda", "--retain", "0.5"])
+    _one_line_error(pruned_on_gpu, "--device cuda runs dense --mode loglik")
+    _one_line_error(run(main, ["eval", "--device", "meta"]), "only cpu and cuda are supported")
     (tmp_path / "empty").mkdir()
     _one_line_error(run(main, ["eval", str(tmp_path / "empty"), "--limit", "2"]), "no config.json")
     other = tmp_path / "qwen"
