@@ -265,7 +265,7 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Learning rate.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Questions per step.")
 @align_options("--")
-@device_option("where the alignment runs (the student and the teacher both); fusion learning runs on the CPU.")
+@device_option("where a dense alignment (--retain 1) runs, student and teacher both; fusion learning runs on the CPU.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @cache_option
 def align(

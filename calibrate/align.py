@@ -403,7 +403,7 @@ def align_artifact(
     The LLM's codes are the artifact's; an artifact aligned before continues from its projector on training
     questions it has not seen. Fusion weights, if the artifact has them, are learned again for the new
     projector, with the ratios, objective and sample count they were learned with. ``device`` (cuda, cuda:N)
-    runs the alignment there, student and teacher both; fusion learning stays on the CPU.
+    runs a dense alignment there, student and teacher both; fusion learning stays on the CPU.
     """
     import gc
     from pathlib import Path
@@ -425,6 +425,9 @@ def align_artifact(
     ratios = parse_ratios(retain)
     if not ratios:
         raise QavtpError(f"{ALIGN_FLAGS[3]} needs at least one retention ratio (1: the dense model)")
+    if device not in (None, "cpu") and any(r < 1 for r in ratios):
+        # The pruned student (scoring, selection) has not run on a GPU yet.
+        raise QavtpError(f"--device {device} aligns the dense model only (--retain 1); pruned ratios align on the CPU")
     dev = resolve_device(device)
     src, out = Path(artifact_dir), Path(output)
     if out.exists() and not overwrite:

@@ -602,6 +602,7 @@ def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
     _one_line_error(run(main, [*base, "--vision-lr", "-1"]), "--vision-lr must be 0 (tower frozen) or positive")
     _one_line_error(run(main, [*base, "--scale-lr", "-1"]), "--scale-lr must be 0 (weight scales frozen) or positive")
     _one_line_error(run(main, [*base, "--device", "meta"]), "only cpu and cuda are supported")
+    _one_line_error(run(main, [*base, "--device", "cuda", "--retain", "1,0.5"]), "aligns the dense model only")
     if not torch.cuda.is_available():
         _one_line_error(run(main, [*base, "--device", "cuda"]), "torch sees no CUDA device")
     _one_line_error(run(main, ["align", str(tmp_path), "-o", str(tmp_path / "a")]), "is not a qavtp artifact")
