@@ -29,12 +29,9 @@ BASE_FLAGS = ["--gptq", "--aasym", "--agroup", "16", "--vocab-bits", "4", "--seq
 SETTINGS = [  # (label, qavtp align options); the label gets "steps × batch"
     ("projector", ["--steps", "200"]),
     ("+ scale gains 1e-4", ["--steps", "200", "--scale-lr", "1e-4"]),
+    ("+ scale gains 1e-4", ["--steps", "200", "--batch-size", "16", "--scale-lr", "1e-4"]),
     ("+ scale gains 1e-4", ["--steps", "400", "--batch-size", "32", "--scale-lr", "1e-4"]),
-    ("projector", ["--steps", "400", "--batch-size", "32"]),
-    (
-        "+ scale 1e-4, tower 3e-5",
-        ["--steps", "400", "--batch-size", "32", "--scale-lr", "1e-4", "--vision-lr", "3e-5"],
-    ),
+    ("+ scale 1e-4, tower 3e-5", ["--steps", "400", "--batch-size", "32", "--scale-lr", "1e-4", "--vision-lr", "3e-5"]),
 ]
 
 
