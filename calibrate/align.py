@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qavtp.calibrate.offload import to_device
 from qavtp.calibrate.quantizers import QuantWeight, dequantize_weight
 from qavtp.errors import QavtpError
 
@@ -128,13 +129,7 @@ def _batches(processor, data, batch_size: int, device: torch.device | None = Non
         rows = data[s : s + batch_size]
         enc, keep, labels = answer_batch(processor, rows)
         prompt_enc = encode(processor, rows["image"], rows["prompt"])
-        yield _to(prompt_enc, device), _to(enc, device), keep, (labels != -100).to(device)
-
-
-def _to(enc, device: torch.device | None):
-    if device is None:
-        return enc
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
+        yield to_device(prompt_enc, device), to_device(enc, device), keep, (labels != -100).to(device)
 
 
 POSITIONS = ("answer", "text")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from qavtp.calibrate.offload import home_of
 from qavtp.data.prompts import chat_prompt
 from qavtp.metrics import (  # noqa: F401  (markdown_table, wilson: re-exported)
     markdown_table,
@@ -49,11 +50,6 @@ def encode(processor, images, texts: Sequence[str], suffixes: Sequence[list[int]
     return out
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where ``model``'s weights are (the inputs go there too)."""
-    return next(model.parameters(), next(model.buffers(), torch.empty(0))).device
-
-
 def choice_ids(tokenizer, choice: str) -> list[int]:
     return tokenizer(choice, add_special_tokens=False).input_ids
 
@@ -86,7 +82,7 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
     """
     tok = processor.tokenizer
     pad = tok.pad_token_id
-    dev = model_device(model)
+    dev = home_of(model)  # the inputs go where the weights are
     enc = encode(processor, images, texts)
     ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
     pix_row, k = [], 0
