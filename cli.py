@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from qavtp.calibrate.recipes import DESCRIPTIONS as RECIPE_DESCRIPTIONS
+from qavtp.calibrate.recipes import RECIPES
 from qavtp.errors import QavtpError
 
 DEFAULT_MODEL = "smollava-easyvqa"
@@ -127,6 +129,14 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 
 @main.command()
 @click.argument("model", default=DEFAULT_MODEL)
+@click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default=None,
+    help="A measured option set; explicit flags override it. "
+    + "; ".join(f"{k}: {v}" for k, v in RECIPE_DESCRIPTIONS.items())
+    + ".",
+)
 @click.option("--data", "data_spec", default="easy-vqa", show_default=True, help="Calibration data (train split).")
 @click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration questions.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
@@ -233,11 +243,18 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
 @cache_option
-def calibrate(model, output, wasym, aasym, data_spec, **options):
+def calibrate(model, output, recipe, data_spec, **options):
     """Calibrate MODEL to W{wbits}A{abits} and write a quantization artifact."""
+    from qavtp.calibrate.recipes import apply_recipe
     from qavtp.calibrate.run import run_calibration
 
-    out = run_calibration(model, output, data_spec=data_spec, wsym=not wasym, asym=not aasym, **options)
+    ctx = click.get_current_context()
+    given = [k for k in options if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT]
+    options, applied = apply_recipe(recipe, options, given)
+    if applied:
+        click.echo(f"recipe {recipe}: {' '.join(applied)}", err=True)
+    wasym, aasym = options.pop("wasym"), options.pop("aasym")
+    out = run_calibration(model, output, data_spec=data_spec, wsym=not wasym, asym=not aasym, recipe=recipe, **options)
     click.echo(f"wrote {out}")
 
 

@@ -616,3 +616,53 @@ def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         align.align_artifact(plain, tmp_path / "a", steps=1, batch_size=2, progress=False)
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
+
+
+def test_recipes_fill_only_the_options_left_at_their_defaults():
+    from qavtp.calibrate.recipes import apply_recipe
+
+    defaults = {"gptq": False, "agroup": 0, "retain": "0.5,0.25,0.125", "align_retain": "1", "align_steps": 0}
+    opts, flags = apply_recipe("aligned", defaults, given=["agroup"])
+    assert opts["gptq"] is True and opts["agroup"] == 0 and opts["align_steps"] == 200
+    assert opts["align_retain"] == "0.5,0.25,0.125" and "--align-retain 0.5,0.25,0.125" in flags
+    assert "--gptq" in flags and not any(f.startswith("--agroup") for f in flags)
+    opts, _ = apply_recipe("aligned", {**defaults, "retain": "none"}, given=["retain"])
+    assert opts["align_retain"] == "1"
+    opts, _ = apply_recipe("aligned", {**defaults, "retain": "1,0.125", "align_retain": "0.125"}, ["align_retain"])
+    assert opts["align_retain"] == "0.125"
+    opts, _ = apply_recipe("aligned", {**defaults, "retain": "1,0.125"}, ["retain"])
+    assert opts["align_retain"] == "0.125"
+    opts, _ = apply_recipe("aligned", {**defaults, "retain": "1"}, ["retain"])
+    assert opts["align_retain"] == "1"
+    assert apply_recipe("quarot", defaults, []) == (defaults, [])
+    assert apply_recipe(None, defaults, []) == (defaults, [])
+
+
+def test_cli_recipe_is_applied_recorded_and_overridden(tiny_llava_dir, tmp_path):
+    art = tmp_path / "art"
+    r = CliRunner().invoke(
+        main,
+        [
+            "calibrate",
+            str(tiny_llava_dir),
+            "--recipe",
+            "accurate",
+            "--agroup",
+            "32",
+            "--n-samples",
+            "4",
+            "--batch-size",
+            "4",
+            "--retain",
+            "none",
+            "-o",
+            str(art),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "recipe accurate: --gptq --aasym --sequential --fp-align 0.25" in r.output
+    opts = read_config(art)["options"]
+    assert opts["recipe"] == "accurate" and opts["gptq"] and opts["sequential"] and opts["fp_align"] == 0.25
+    assert opts["activations"]["group_size"] == 32 and opts["activations"]["symmetric"] is False
+    r = CliRunner().invoke(main, ["calibrate", str(tiny_llava_dir), "--recipe", "best", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "'best' is not one of" in r.output
