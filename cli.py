@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from qavtp.calibrate.recipes import DESCRIPTIONS as RECIPE_DESCRIPTIONS
-from qavtp.calibrate.recipes import RECIPES
+from qavtp.calibrate.recipes import RECIPES, apply_recipe
 from qavtp.errors import QavtpError
 
 DEFAULT_MODEL = "smollava-easyvqa"
@@ -245,7 +245,6 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @cache_option
 def calibrate(model, output, recipe, data_spec, **options):
     """Calibrate MODEL to W{wbits}A{abits} and write a quantization artifact."""
-    from qavtp.calibrate.recipes import apply_recipe
     from qavtp.calibrate.run import run_calibration
 
     ctx = click.get_current_context()
