@@ -1,7 +1,7 @@
 """Named calibration recipes: the option sets measured on the reference model, so users need not copy flags.
 
 A recipe fills in only the options the user left at their defaults; an explicit flag always wins. Kept free
-of torch so that the command line can list the names without importing it.
+of torch at import so that the command line can list the names without loading it.
 """
 
 from __future__ import annotations
@@ -37,22 +37,6 @@ def _flag(name: str, value: object) -> str:
     return flag if value is True else f"{flag} {value}"
 
 
-def _below_one(retain: str) -> list[str]:
-    """The ratios of a ``--retain`` value other than 1 (an unparsable term is kept for the later check to name)."""
-    terms = [t.strip() for t in retain.split(",") if t.strip()]
-    if [t.lower() for t in terms] == ["none"]:
-        return []
-    keep = []
-    for t in terms:
-        try:
-            if float(t) == 1.0:
-                continue
-        except ValueError:
-            pass
-        keep.append(t)
-    return keep
-
-
 def apply_recipe(name: str | None, options: dict[str, object], given: Iterable[str]) -> tuple[dict, list[str]]:
     """``options`` with recipe ``name``'s values for every option not in ``given``, and the flags it set.
 
@@ -70,6 +54,9 @@ def apply_recipe(name: str | None, options: dict[str, object], given: Iterable[s
             out[key] = value
             applied.append(_flag(key, value))
     if out.get("align_steps") and "align_retain" not in given and name == "aligned":
-        out["align_retain"] = ",".join(_below_one(str(out.get("retain") or "none"))) or "1"
+        from qavtp.calibrate.fusion import parse_ratios  # torch: only once a calibration runs
+
+        below_one = [f"{r:g}" for r in parse_ratios(out.get("retain")) if r < 1.0]
+        out["align_retain"] = ",".join(below_one) or "1"
         applied.append(_flag("align_retain", out["align_retain"]))
     return out, applied

@@ -634,6 +634,8 @@ def test_recipes_fill_only_the_options_left_at_their_defaults():
     assert opts["align_retain"] == "0.125"
     opts, _ = apply_recipe("aligned", {**defaults, "retain": "1"}, ["retain"])
     assert opts["align_retain"] == "1"
+    with pytest.raises(QavtpError, match="retention ratio 'half' is not a number"):
+        apply_recipe("aligned", {**defaults, "retain": "0.5,half"}, ["retain"])
     assert apply_recipe("quarot", defaults, []) == (defaults, [])
     assert apply_recipe(None, defaults, []) == (defaults, [])
 
