@@ -245,7 +245,7 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @cache_option
 def calibrate(model, output, recipe, data_spec, **options):
     """Calibrate MODEL to W{wbits}A{abits} and write a quantization artifact."""
-    from qavtp.calibrate.run import run_calibration
+    from qavtp.calibrate.calibration import run_calibration
 
     ctx = click.get_current_context()
     given = [k for k in options if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT]
@@ -411,7 +411,7 @@ def eval_cmd(
 
         cfg = read_config(artifact)
     check_fusion(cfg, scorers, ratios)  # fail before loading anything
-    from qavtp.calibrate.offload import describe, resolve_device, visiting
+    from qavtp.device import describe, resolve_device, visiting
 
     if device != "cpu" and (ratios or len(scorers) > 1 or with_fp or mode != "loglik"):
         raise QavtpError(f"--device {device} runs dense --mode loglik only; pruning, sweeps and generation use the CPU")
@@ -674,7 +674,7 @@ def _load(model, artifact, dtype, cache_dir):
 @cache_option
 def export_cmd(source, output, retain, scorer, fmt, accuracy_level, overwrite, cache_dir):
     """Export SOURCE (a calibration artifact, a LLaVA directory or smollava-easyvqa) to ONNX."""
-    from qavtp.export.exporter import export_model
+    from qavtp.export.export_model import export_model
 
     out = export_model(source, output, retain, scorer, fmt, overwrite, accuracy_level, cache_dir)
     click.echo(f"wrote {out}")
@@ -733,7 +733,7 @@ def run_cmd(export_dir, image, question, max_new_tokens, threads, runtime):
 def train_reference_cmd(work_dir, out, seed, stage1_epochs, stage2_steps, packed_steps):
     """Train the reference model's vision tower and projector on easy-VQA (SmolLM2 frozen)."""
     from qavtp.models import reference
-    from qavtp.models.train import train_reference
+    from qavtp.train_reference import train_reference
 
     path = train_reference(
         out=Path(out) if out else Path(work_dir) / reference.WEIGHTS.name,

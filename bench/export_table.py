@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from qavtp.data.easyvqa import load_easyvqa
-    from qavtp.export.exporter import load_source, write_export
+    from qavtp.export.export_model import load_source, write_export
 
     row = load_easyvqa("test")[0]
     rows = []

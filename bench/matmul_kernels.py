@@ -58,9 +58,9 @@ def main() -> None:
     from onnx import TensorProto
 
     from qavtp.calibrate.quantizers import QuantLinear, QuantSpec
-    from qavtp.export.builder import Graph
+    from qavtp.export.external_data import to_model
     from qavtp.export.int4 import quant_linear
-    from qavtp.export.weights import to_model
+    from qavtp.export.onnx_graph import Graph
 
     F, U8 = TensorProto.FLOAT, TensorProto.UINT8
 

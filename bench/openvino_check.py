@@ -39,7 +39,7 @@ def main() -> None:
     from qavtp.data import load_data
     from qavtp.errors import QavtpError
     from qavtp.export.accuracy import compare, evaluate_export
-    from qavtp.export.exporter import load_source, write_export
+    from qavtp.export.export_model import load_source, write_export
     from qavtp.export.session import OPENVINO_CONFIG, ExportedModel
 
     ds = load_data("easy-vqa", "test", args.limit, 0)

@@ -47,7 +47,7 @@ def main() -> None:
     from qavtp.calibrate.artifact import activation_spec, load_artifact
     from qavtp.calibrate.fusion import fusion_for
     from qavtp.data import load_data
-    from qavtp.evaluate import encode
+    from qavtp.prompting import encode
     from qavtp.pruning import select_tokens
     from qavtp.scoring import (
         fused_scores,

@@ -50,11 +50,11 @@ def main() -> None:
 
     from click.testing import CliRunner
 
-    from qavtp.calibrate.run import run_calibration
+    from qavtp.calibrate.calibration import run_calibration
     from qavtp.cli import main as cli
     from qavtp.data.easyvqa import load_easyvqa
     from qavtp.data.prompts import SHORT_ANSWER
-    from qavtp.export.exporter import export_model
+    from qavtp.export.export_model import export_model
     from qavtp.models.random_llava import make_random_llava, small_tokenizer
 
     work = Path(a.work)

@@ -26,7 +26,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from qavtp.calibrate.hadamard import hadamard_matrix, random_hadamard
-    from qavtp.calibrate.pipeline import calibration_batches
+    from qavtp.calibrate.quantize import calibration_batches
     from qavtp.calibrate.quantizers import QuantSpec, fake_quant_activation
     from qavtp.calibrate.rotation import fuse_layer_norms
     from qavtp.data import load_data

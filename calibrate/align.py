@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qavtp.calibrate.offload import to_device
 from qavtp.calibrate.quantizers import QuantWeight, dequantize_weight
+from qavtp.device import to_device
 from qavtp.errors import QavtpError
 
 CALIBRATE_FLAGS = (
@@ -122,8 +122,8 @@ def _kl(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
 
 
 def _batches(processor, data, batch_size: int, device: torch.device | None = None):
-    from qavtp.evaluate import encode
-    from qavtp.models.train import answer_batch
+    from qavtp.prompting import encode
+    from qavtp.training import answer_batch
 
     for s in range(0, len(data), batch_size):
         rows = data[s : s + batch_size]
@@ -238,8 +238,8 @@ def align_projector(
     signal than the answer tokens alone; the held-out KL that picks the step stays the answer tokens'.
     The questions go to ``device`` (default the CPU), where ``adapter.model`` and ``teacher`` must already be.
     """
-    from qavtp.models.train import warmup_cosine
     from qavtp.pruning import check_ratio
+    from qavtp.training import warmup_cosine
 
     if steps < 1:
         raise QavtpError(f"projector alignment needs at least one step, got {steps}")
@@ -411,7 +411,7 @@ def align_artifact(
         save_artifact,
     )
     from qavtp.calibrate.fusion import fusion_targets, learn_fusion, parse_ratios
-    from qavtp.calibrate.offload import describe, resolve_device, visiting
+    from qavtp.device import describe, resolve_device, visiting
     from qavtp.models.loading import load_model, resolve
 
     if steps < 1:

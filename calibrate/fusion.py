@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from qavtp.calibrate.quantizers import QuantSpec
 from qavtp.errors import QavtpError
-from qavtp.evaluate import choice_ids, encode
+from qavtp.prompting import choice_ids, encode
 from qavtp.pruning import check_ratio, prune_sequence, select_tokens
 from qavtp.scoring import (
     FusionParams,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qavtp.calibrate.hadamard import apply_hadamard_factored, hadamard_matrix, random_hadamard
-from qavtp.calibrate.offload import visiting
+from qavtp.device import visiting
 from qavtp.errors import QavtpError
 from qavtp.models.base import Adapter
 
@@ -187,7 +187,7 @@ def rotate_model(
 
     The description is what an artifact stores: the seed and sizes rebuild every matrix, and
     ``online`` lists the modules that :func:`install_online_transforms` must wrap again. With ``device``
-    each rotated module visits it for its float64 products (:mod:`qavtp.calibrate.offload`).
+    each rotated module visits it for its float64 products (:mod:`qavtp.device`).
     """
     layers = adapter.decoder_layers
     if any(isinstance(layer.mlp.down_proj, OnlineHadamardLinear) for layer in layers):

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from qavtp.calibrate.offload import visiting
 from qavtp.calibrate.rotation import norm_groups
 from qavtp.calibrate.stats import capture_layer_inputs, observe_layer, run_layer
+from qavtp.device import visiting
 from qavtp.errors import QavtpError
 from qavtp.models.base import Adapter
 
@@ -78,7 +78,7 @@ def collect_input_absmax(
 ) -> dict[str, torch.Tensor]:
     """Per-input-channel absmax of every ``nn.Linear`` in the decoder layers, over all real tokens.
 
-    ``batches`` yields keyword arguments for the model's forward (e.g. ``qavtp.evaluate.encode``
+    ``batches`` yields keyword arguments for the model's forward (e.g. ``qavtp.prompting.encode``
     output); padding positions are skipped. Layer by layer, with the same machinery as the
     calibration statistics (and, with ``device``, the same offload).
     """

@@ -14,18 +14,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qavtp.calibrate.offload import shell_visiting, to_device
 from qavtp.calibrate.quantizers import HessianAccumulator
+from qavtp.device import shell_visiting, to_device
 from qavtp.errors import QavtpError
+from qavtp.models.capture import capture_inputs
 
 # Decoder-layer keyword arguments that stay the same from layer to layer.
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
 PERCENTILES = (50.0, 99.0, 99.9, 100.0)
 _SAMPLE = 65536  # |x| values kept per linear for percentiles
-
-
-class _Stop(Exception):
-    """Raised by a pre-hook to end a forward pass once the wanted inputs are captured."""
 
 
 @dataclass
@@ -36,35 +33,10 @@ class LayerInput:
 
 
 @torch.no_grad()
-def capture_inputs(model_call, layer: nn.Module) -> tuple[torch.Tensor, dict]:
-    """Run ``model_call()`` until ``layer`` is reached; return its input hidden states and keyword arguments.
-
-    The pass stops there, so layers after the wanted one cost nothing.
-    """
-    box: dict = {}
-
-    def hook(module, args, kwargs):
-        box["hidden"] = args[0] if args else kwargs["hidden_states"]
-        box["kwargs"] = dict(kwargs)
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model_call()
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "hidden" not in box:
-        raise QavtpError("the forward pass never reached the requested layer")
-    return box["hidden"], box["kwargs"]
-
-
-@torch.no_grad()
 def capture_layer_inputs(adapter, batches: Iterable[dict], device: torch.device | None = None) -> list[LayerInput]:
     """The hidden states (and mask/positions) entering decoder layer 0, one entry per batch.
 
-    With ``device`` (:mod:`qavtp.calibrate.offload`) they are computed and kept there.
+    With ``device`` (:mod:`qavtp.device`) they are computed and kept there.
     """
     captured: list[LayerInput] = []
     with shell_visiting(adapter, device):

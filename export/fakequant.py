@@ -10,7 +10,7 @@ import numpy as np
 from onnx import TensorProto
 
 from qavtp.calibrate.quantizers import QuantSpec, check_group_size
-from qavtp.export.builder import Graph
+from qavtp.export.onnx_graph import Graph
 
 
 def _f(g: Graph, v: float) -> str:

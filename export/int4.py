@@ -20,8 +20,8 @@ from qavtp.calibrate.hadamard import hadamard_factors
 from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, check_group_size, pack_int4
 from qavtp.calibrate.rotation import OnlineHadamardLinear
 from qavtp.errors import QavtpError
-from qavtp.export.builder import MS_DOMAIN, Graph, Tensor
 from qavtp.export.fakequant import fake_quant
+from qavtp.export.onnx_graph import MS_DOMAIN, Graph, Tensor
 
 FORMATS = ("qdq", "ort")
 

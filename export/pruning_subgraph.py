@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from qavtp.export.builder import Graph
 from qavtp.export.fakequant import fake_quant
-from qavtp.export.graph import Decoder, _heads, left_padded_positions, rmsnorm, seq_len
+from qavtp.export.llava_graph import Decoder, _heads, left_padded_positions, rmsnorm, seq_len
+from qavtp.export.onnx_graph import Graph
 from qavtp.scoring import FusionParams, semantic_layer
 
 I64 = np.int64

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from qavtp.calibrate.offload import home_of
-from qavtp.data.prompts import chat_prompt
+from qavtp.device import home_of
 from qavtp.metrics import (  # noqa: F401  (markdown_table, wilson: re-exported)
     markdown_table,
     normalize_answer,
@@ -21,53 +20,9 @@ from qavtp.metrics import (  # noqa: F401  (markdown_table, wilson: re-exported)
     summarize,
     wilson,
 )
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Left padding: count real tokens so every sample's positions start at 0.
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def encode(processor, images, texts: Sequence[str], suffixes: Sequence[list[int]] | None = None):
-    """Processor output for chat prompts, optionally with token ids appended to each prompt."""
-    prompts = [chat_prompt(processor, t, with_image=im is not None) for t, im in zip(texts, images, strict=True)]
-    # Grayscale, RGBA and palette images become RGB here; the processor resizes odd sizes.
-    rgb = [im.convert("RGB") for im in images if im is not None]
-    # Left padding puts every prompt's last token at -1, where the answer is read.
-    processor.tokenizer.padding_side = "left"
-    enc = processor(images=rgb or None, text=prompts, return_tensors="pt", padding=True)
-    if suffixes is None:
-        enc["position_ids"] = position_ids(enc["attention_mask"])
-        return enc
-    rows = [
-        ids[mask.bool()].tolist() + list(suf)
-        for ids, mask, suf in zip(enc["input_ids"], enc["attention_mask"], suffixes, strict=True)
-    ]
-    input_ids, attention_mask = _pad(rows, processor.tokenizer.pad_token_id, left=True)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
-    if "pixel_values" in enc:
-        out["pixel_values"] = enc["pixel_values"]
-    return out
-
-
-def choice_ids(tokenizer, choice: str) -> list[int]:
-    return tokenizer(choice, add_special_tokens=False).input_ids
-
-
-def _pad(rows: Sequence[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids, mask = [], []
-    for r in rows:
-        fill = [pad] * (width - len(r))
-        ids.append(fill + list(r) if left else list(r) + fill)
-        ones, zeros = [1] * len(r), [0] * (width - len(r))
-        mask.append(zeros + ones if left else ones + zeros)
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-
-
-def image_token_id(processor) -> int | None:
-    tid = getattr(processor, "image_token_id", None)
-    return int(tid) if tid is not None else None
+from qavtp.prompting import choice_ids, encode, image_token_id, pad_rows, position_ids
+from qavtp.pruned_lm import extend, pruned_generate, pruned_prefill
+from qavtp.scoring import score_tokens
 
 
 @torch.no_grad()
@@ -107,7 +62,7 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
     heads = [first_row[g] for g in range(len(groups))]
 
     # (1) prefixes, one per distinct image
-    p_ids, p_mask = (t.to(dev) for t in _pad([ids[r][: cut[r]] for r in heads], pad, left=True))
+    p_ids, p_mask = (t.to(dev) for t in pad_rows([ids[r][: cut[r]] for r in heads], pad, left=True))
     kwargs = {}
     pix = [pix_row[r] for r in heads if pix_row[r] is not None]
     if pix:
@@ -125,7 +80,7 @@ def choice_logprobs(model, processor, images, texts, choices: Sequence[Sequence[
     cache.reorder_cache(gidx)
 
     # (2) the rest of every prompt
-    s_ids, s_mask = (t.to(dev) for t in _pad([ids[r][cut[r] :] for r in range(len(ids))], pad, left=False))
+    s_ids, s_mask = (t.to(dev) for t in pad_rows([ids[r][cut[r] :] for r in range(len(ids))], pad, left=False))
     attn = torch.cat([p_mask[gidx], s_mask], 1)
     start = p_mask.sum(1)[gidx]
     s_len = s_mask.sum(1)
@@ -158,7 +113,7 @@ def _score_candidates(tok, first, choices, continue_fn) -> list[list[float]]:
     of right-padded ``ids [R, T]`` appended to prompt rows ``rows [R]``."""
 
     def cont(rows, seqs):
-        c_ids, c_mask = _pad(seqs, tok.pad_token_id, left=False)
+        c_ids, c_mask = pad_rows(seqs, tok.pad_token_id, left=False)
         return continue_fn(torch.tensor(rows), c_ids, c_mask).float().log_softmax(-1)
 
     return score_candidates(first, choices, lambda c: choice_ids(tok, c), cont)
@@ -178,9 +133,6 @@ class Pruning:
 
 
 def _pruned_prefill(prune: Pruning, processor, images, texts):
-    from qavtp.pruned_lm import pruned_prefill
-    from qavtp.scoring import score_tokens
-
     enc = encode(processor, images, texts)
 
     def scores(hidden, visual, pad, pos):
@@ -203,8 +155,6 @@ def _pruned_prefill(prune: Pruning, processor, images, texts):
 def pruned_choice_logprobs(prune: Pruning, processor, images, texts, choices) -> tuple[list[list[float]], torch.Tensor]:
     """As :func:`choice_logprobs`, with only the top ``ceil(rho N)`` visual tokens (by the scorer) kept from
     decoder layer K on; also returns the kept indices ``[B, k]``."""
-    from qavtp.pruned_lm import extend
-
     logits, state = _pruned_prefill(prune, processor, images, texts)
     first = logits.float().log_softmax(-1)
 
@@ -218,8 +168,6 @@ def pruned_choice_logprobs(prune: Pruning, processor, images, texts, choices) ->
 @torch.no_grad()
 def pruned_generate_answers(prune: Pruning, processor, images, texts, max_new_tokens: int = 8):
     """Greedy answers with pruning, and the kept indices."""
-    from qavtp.pruned_lm import pruned_generate
-
     logits, state = _pruned_prefill(prune, processor, images, texts)
     keep = state.keep_idx.clone()
     tok = processor.tokenizer

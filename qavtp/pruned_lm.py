@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from qavtp.errors import QavtpError
-from qavtp.evaluate import position_ids as left_padded_positions
+from qavtp.prompting import position_ids as left_padded_positions
 from qavtp.pruning import _gather_seq, check_ratio, kept_positions, select_tokens
 from qavtp.scoring import check_layer
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qavtp.calibrate.stats import capture_inputs
 from qavtp.errors import QavtpError
-from qavtp.evaluate import position_ids as left_padded_positions
+from qavtp.models.capture import capture_inputs
+from qavtp.prompting import position_ids as left_padded_positions
 from qavtp.scoring import check_layer, model_inputs
 
 

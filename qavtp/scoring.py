@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, quant_error
-from qavtp.calibrate.stats import capture_inputs
 from qavtp.errors import QavtpError
-from qavtp.evaluate import position_ids as left_padded_positions
+from qavtp.models.capture import capture_inputs
+from qavtp.prompting import position_ids as left_padded_positions
 
 SCORERS: dict[str, str] = {
     "semantic": "attention of the last prompt token to each visual token at decoder layer K (FastV)",

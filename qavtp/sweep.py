@@ -6,7 +6,8 @@ import math
 import time
 
 from qavtp.errors import QavtpError
-from qavtp.evaluate import Pruning, encode, evaluate
+from qavtp.evaluate import Pruning, evaluate
+from qavtp.prompting import encode
 from qavtp.scoring import check_scorer
 
 # Rows of the ablation table: every single metric, then the paper's recipe and the learned fusion.

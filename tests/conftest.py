@@ -4,9 +4,9 @@ import pytest
 
 from qavtp.data.easyvqa import load_easyvqa
 from qavtp.data.prompts import SHORT_ANSWER
-from qavtp.evaluate import encode
 from qavtp.models.loading import load_model
 from qavtp.models.random_llava import make_random_llava, small_tokenizer
+from qavtp.prompting import encode
 
 
 @pytest.fixture(scope="session")

@@ -11,17 +11,17 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from qavtp.calibrate.artifact import fingerprint, load_artifact, read_config
+from qavtp.calibrate.calibration import run_calibration
 from qavtp.calibrate.kvcache import KV_ATTENTION
-from qavtp.calibrate.pipeline import calibrate_model, calibration_batches, sequential_groups
+from qavtp.calibrate.quantize import calibrate_model, calibration_batches, sequential_groups
 from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec, dequantize_weight, fake_quant_activation
 from qavtp.calibrate.rotation import rotate_model
-from qavtp.calibrate.run import run_calibration
 from qavtp.calibrate.stats import InputStats, capture_layer_inputs, observe_layer
 from qavtp.cli import main
 from qavtp.data import load_data
 from qavtp.errors import QavtpError
-from qavtp.evaluate import encode
 from qavtp.models.loading import load_model
+from qavtp.prompting import encode
 
 # A LLaMA decoder layer's linears, in data-flow order.
 LINEARS = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [

@@ -21,16 +21,16 @@ from onnx.reference.op_run import OpRun
 from PIL import Image
 
 from qavtp.calibrate.artifact import load_artifact
+from qavtp.calibrate.calibration import run_calibration
 from qavtp.calibrate.quantizers import QuantEmbedding, QuantSpec, fake_quant_activation
-from qavtp.calibrate.run import run_calibration
 from qavtp.cli import main
 from qavtp.errors import QavtpError
-from qavtp.evaluate import encode
-from qavtp.export.builder import Graph
-from qavtp.export.exporter import export_model
+from qavtp.export.export_model import export_model
+from qavtp.export.external_data import to_model
 from qavtp.export.fakequant import fake_quant
-from qavtp.export.graph import check_supported
 from qavtp.export.int4 import quant_gather
+from qavtp.export.llava_graph import check_supported
+from qavtp.export.onnx_graph import Graph
 from qavtp.export.session import (
     OPENVINO_CONFIG,
     ExportedModel,
@@ -39,8 +39,8 @@ from qavtp.export.session import (
     preprocess_image,
     read_meta,
 )
-from qavtp.export.weights import to_model
 from qavtp.models.loading import load_model
+from qavtp.prompting import encode
 from qavtp.pruning import prune_sequence, select_tokens
 from qavtp.scoring import FusionParams, score_tokens
 

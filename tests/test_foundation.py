@@ -14,8 +14,9 @@ from qavtp.cli import main
 from qavtp.data import load_data
 from qavtp.data.easyvqa import CHOICES, COLORS, SHAPES, image_labels
 from qavtp.errors import QavtpError
-from qavtp.evaluate import choice_ids, choice_logprobs, encode, evaluate, markdown_table
+from qavtp.evaluate import choice_logprobs, evaluate, markdown_table
 from qavtp.models.loading import load_model
+from qavtp.prompting import choice_ids, encode
 
 
 def test_easyvqa_schema_and_counts(easyvqa_test):
@@ -115,7 +116,7 @@ def test_evaluate_reports_per_type_and_odd_images(tiny_llava_dir, easyvqa_test):
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_evaluate_on_a_device_scores_as_on_the_cpu(tiny_llava_dir, easyvqa_test, device):
     """The model on ``device`` (``qavtp eval --device``): the questions follow it and the scores match the CPU's."""
-    from qavtp.calibrate.offload import visiting
+    from qavtp.device import visiting
 
     model, processor, _ = load_model(tiny_llava_dir)
     ds = easyvqa_test.select(range(6))

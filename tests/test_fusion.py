@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qavtp.calibrate.artifact import load_artifact, read_config
+from qavtp.calibrate.calibration import run_calibration
 from qavtp.calibrate.fusion import (
     candidate_grid,
     fusion_for,
@@ -14,11 +15,10 @@ from qavtp.calibrate.fusion import (
     parse_ratios,
     ratio_key,
 )
-from qavtp.calibrate.run import run_calibration
 from qavtp.data import load_data
 from qavtp.errors import QavtpError
-from qavtp.evaluate import encode
 from qavtp.models.loading import load_model
+from qavtp.prompting import encode
 from qavtp.scoring import FusionParams, fused_scores, gather_visual, qapruner_params, score_tokens, semantic_scores
 
 

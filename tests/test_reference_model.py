@@ -99,7 +99,7 @@ def test_rotation_and_smoothing_preserve_the_reference_model(reference_dir):
 
     from qavtp.calibrate.rotation import rotate_model
     from qavtp.calibrate.smooth import collect_input_absmax, smooth_model
-    from qavtp.evaluate import encode
+    from qavtp.prompting import encode
 
     ds = load_data("easy-vqa", "test", limit=4, seed=1)
     model, processor, adapter = load_model(reference_dir)

@@ -17,8 +17,8 @@ from qavtp.calibrate.rotation import (
 )
 from qavtp.calibrate.smooth import collect_input_absmax, smooth_model
 from qavtp.errors import QavtpError
-from qavtp.evaluate import encode
 from qavtp.models.loading import load_model
+from qavtp.prompting import encode
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 28, 36, 40, 52, 60, 64, 576, 1536])

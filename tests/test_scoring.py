@@ -120,7 +120,7 @@ def test_text_attention_matches_eager(tiny, tiny_llava_dir, enc, K):
 
 def test_text_attention_reads_quantized_weights_without_the_activation_quantizer(tiny_llava_dir, enc):
     """The relevance score must not hinge on a 4-bit activation rounding (which may flip in another runtime)."""
-    from qavtp.calibrate.pipeline import calibrate_model
+    from qavtp.calibrate.quantize import calibrate_model
     from qavtp.calibrate.quantizers import QuantLinear, QuantSpec
 
     model, processor, adapter = load_model(tiny_llava_dir)

@@ -7,7 +7,7 @@ import json
 import torch
 
 from qavtp.models.loading import load_model
-from qavtp.models.train import stage1, stage2
+from qavtp.train_reference import stage1, stage2
 
 
 def _rows(log):
@@ -50,7 +50,7 @@ def test_stage1_learns_colour_from_image_labels(tiny_llava_dir, tmp_path):
 
 def test_packed_conversations_put_loss_on_every_answer(tiny_llava_dir):
     from qavtp.data.easyvqa import load_easyvqa
-    from qavtp.models.train import _packed_batch, packed_loss
+    from qavtp.train_reference import _packed_batch, packed_loss
 
     model, processor, _ = load_model(tiny_llava_dir)
     ds = load_easyvqa("train")

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from qavtp.export.builder import Graph, Tensor
+from qavtp.export.onnx_graph import Graph, Tensor
 
 INLINE_MAX_BYTES = 1024  # scalars, shapes and small vectors stay inside the graph
 ALIGN = 64  # every tensor starts on a 64-byte boundary (SIMD-friendly when memory-mapped)

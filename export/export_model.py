@@ -18,11 +18,11 @@ import onnx
 from qavtp.calibrate.artifact import read_config
 from qavtp.calibrate.fusion import fusion_for
 from qavtp.errors import QavtpError
-from qavtp.export.build import build_decode, build_prefill
-from qavtp.export.builder import Graph
-from qavtp.export.graph import check_supported
+from qavtp.export.external_data import WeightStore, to_model
 from qavtp.export.int4 import check_format
-from qavtp.export.weights import WeightStore, to_model
+from qavtp.export.llava_graph import check_supported
+from qavtp.export.onnx_graph import Graph
+from qavtp.export.prefill_decode import build_decode, build_prefill
 from qavtp.io import atomic_dir
 from qavtp.pruning import check_ratio, keep_count
 from qavtp.scoring import qapruner_params

@@ -1,4 +1,6 @@
-"""Layer-by-layer offload to an accelerator (``qavtp calibrate --device cuda``).
+"""Where tensors and modules run: device names, moving a module (or a model's shell) to an accelerator and back.
+
+Layer-by-layer offload (``qavtp calibrate --device cuda``) is built from these.
 
 The model stays in host memory. The work that touches every parameter once (the rotations, the
 statistics, GPTQ, the quantization itself) visits the accelerator one decoder layer at a time, as in

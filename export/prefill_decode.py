@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from qavtp.export.builder import Graph
-from qavtp.export.graph import Decoder, left_padded_positions, vision_tokens
+from qavtp.export.llava_graph import Decoder, left_padded_positions, vision_tokens
+from qavtp.export.onnx_graph import Graph
 from qavtp.export.pruning_subgraph import gather_rows, prune
 from qavtp.scoring import FusionParams
 

@@ -17,9 +17,9 @@ from torch import nn
 from qavtp.calibrate.kvcache import kv_spec_of
 from qavtp.calibrate.quantizers import QuantEmbedding
 from qavtp.errors import QavtpError
-from qavtp.export.builder import Graph
 from qavtp.export.fakequant import fake_quant
 from qavtp.export.int4 import fp_linear, linear, np32, quant_gather
+from qavtp.export.onnx_graph import Graph
 
 DECODER_TYPES = ("llama", "mistral", "qwen2")
 VISION_TYPES = ("clip_vision_model",)
@@ -102,7 +102,7 @@ def seq_len(g: Graph, x: str, axis: int = 1) -> str:
 
 
 def left_padded_positions(g: Graph, mask: str) -> str:
-    """``clamp(cumsum(mask) - 1, 0)``: positions of a left-padded prompt (``qavtp.evaluate.position_ids``)."""
+    """``clamp(cumsum(mask) - 1, 0)``: positions of a left-padded prompt (``qavtp.prompting.position_ids``)."""
     c = g.op("CumSum", g.op("Cast", mask, to=TensorProto.INT64), g.const(1, I64))
     return g.op("Max", g.op("Sub", c, g.const(1, I64)), g.const(0, I64))
 

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qavtp.calibrate.offload import visiting
 from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, fake_quant_activation, fp_aligned_weight
 from qavtp.calibrate.rotation import rotate_model
 from qavtp.calibrate.smooth import collect_input_absmax, smooth_model
 from qavtp.calibrate.stats import capture_layer_inputs, linear_modules, observe_layer, run_layer
+from qavtp.device import visiting
 from qavtp.errors import QavtpError
-from qavtp.evaluate import encode
+from qavtp.prompting import encode
 
 METHODS = ("rtn", "smoothquant", "quarot")
 W4_G128 = QuantSpec(4, True, 128)
@@ -122,7 +122,7 @@ def calibrate_model(
     done (transforms, per-linear input statistics) for the artifact. ``a8`` (:func:`parse_a8`) keeps 8-bit inputs at
     the linears it selects (mixed precision); the record lists them under ``a8_linears``. With ``device``
     the model stays where it is and each decoder layer visits ``device`` for its work
-    (:mod:`qavtp.calibrate.offload`). ``sequential`` quantizes each layer's linears in :data:`SEQUENTIAL` order,
+    (:mod:`qavtp.device`). ``sequential`` quantizes each layer's linears in :data:`SEQUENTIAL` order,
     each group observed (statistics, GPTQ Hessians on activation-quantized inputs) with the groups before it
     already quantized, as QuaRot's GPTQ does; otherwise one pass observes the whole float layer. ``fp_align`` > 0
     also carries the floating-point model's hidden states along and quantizes, instead of each float weight,

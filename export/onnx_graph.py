@@ -2,7 +2,7 @@
 
 Graphs are written by hand (not traced) so that every quantization op is exactly the one we chose.
 Weights are registered under stable names (the torch parameter path), so two graphs built from the same
-model name the same tensors the same way and :mod:`qavtp.export.weights` can store each of them once.
+model name the same tensors the same way and :mod:`qavtp.export.external_data` can store each of them once.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ import torch
 
 from qavtp.calibrate.artifact import fingerprint, save_artifact
 from qavtp.calibrate.kvcache import install_kv_quant
-from qavtp.calibrate.offload import describe, peak_mib, reset_peak, resolve_device
-from qavtp.calibrate.pipeline import METHODS, calibrate_model, calibration_batches, check_fp_align, parse_a8
+from qavtp.calibrate.quantize import METHODS, calibrate_model, calibration_batches, check_fp_align, parse_a8
 from qavtp.calibrate.quantizers import QuantSpec, check_group_size
 from qavtp.calibrate.stats import observe_vision
 from qavtp.calibrate.vocab import quantize_vocab
+from qavtp.device import describe, peak_mib, reset_peak, resolve_device
 from qavtp.errors import QavtpError
 
 
