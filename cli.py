@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from qavtp.calibrate.recipes import DESCRIPTIONS as RECIPE_DESCRIPTIONS
 from qavtp.calibrate.recipes import RECIPES, apply_recipe
+from qavtp.config import (
+    OBJECTIVES,
+    POSITIONS,
+    AlignConfig,
+    CalibrationConfig,
+    ConfigError,
+    ExportConfig,
+    FusionConfig,
+    updated,
+)
 from qavtp.errors import QavtpError
 
 DEFAULT_MODEL = "smollava-easyvqa"
@@ -24,6 +36,87 @@ class _Group(click.Group):
         except QavtpError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(2)
+
+
+# The command line is the only place that knows flag names: each command maps its flags to config fields
+# (click parameter -> dotted field path, flag), and a ConfigError's field back to the flag the user typed.
+CALIBRATE_FIELDS = {
+    "data_spec": ("data", "--data"),
+    "n_samples": ("n_samples", "--n-samples"),
+    "batch_size": ("batch_size", "--batch-size"),
+    "seed": ("seed", "--seed"),
+    "device": ("device", "--device"),
+    "method": ("quant.method", "--method"),
+    "gptq": ("quant.gptq", "--gptq"),
+    "wbits": ("quant.wbits", "--wbits"),
+    "abits": ("quant.abits", "--abits"),
+    "wasym": ("quant.w_symmetric", "--wasym"),  # flags of the negation: True means not symmetric
+    "aasym": ("quant.a_symmetric", "--aasym"),
+    "wgroup": ("quant.wgroup", "--wgroup"),
+    "agroup": ("quant.agroup", "--agroup"),
+    "aclip": ("quant.aclip", "--aclip"),
+    "sequential": ("quant.sequential", "--sequential"),
+    "fp_align": ("quant.fp_align", "--fp-align"),
+    "clip_search": ("quant.clip_search", "--clip-search"),
+    "smooth_alpha": ("quant.smooth_alpha", "--smooth-alpha"),
+    "online_o_proj": ("quant.online_o_proj", "--o-proj-hadamard"),
+    "vocab_bits": ("quant.vocab_bits", "--vocab-bits"),
+    "kv_bits": ("quant.kv_bits", "--kv-bits"),
+    "kv_clip": ("quant.kv_clip", "--kv-clip"),
+    "a8": ("quant.a8", "--a8"),
+    "vision_stats": ("quant.vision_stats", "--vision-stats"),
+    "retain": ("fusion.ratios", "--retain"),
+    "fusion_samples": ("fusion.samples", "--fusion-samples"),
+    "fusion_objective": ("fusion.objective", "--fusion-objective"),
+    "fusion_holdout": ("fusion.holdout", "--fusion-holdout"),
+    "align_steps": ("align.steps", "--align-projector"),
+    "align_lr": ("align.lr", "--align-lr"),
+    "align_batch": ("align.batch_size", "--align-batch"),
+    "align_retain": ("align.ratios", "--align-retain"),
+    "align_vision_lr": ("align.vision_lr", "--align-vision-lr"),
+    "align_scale_lr": ("align.scale_lr", "--align-scale-lr"),
+    "align_positions": ("align.positions", "--align-positions"),
+}
+NEGATED = {"wasym", "aasym"}
+ALIGN_FLAGS = {"steps": "--steps", "lr": "--lr", "batch_size": "--batch-size", "ratios": "--retain"}
+ALIGN_FLAGS |= {"vision_lr": "--vision-lr", "scale_lr": "--scale-lr", "positions": "--positions"}
+FUSE_FLAGS = {"ratios": "--retain", "samples": "--fusion-samples", "objective": "--fusion-objective"}
+EXPORT_FLAGS = {"retain": "--retain", "scorer": "--scorer", "format": "--format", "accuracy_level": "--accuracy-level"}
+
+
+@contextmanager
+def flags_named(flags: dict[str, str]) -> Iterator[None]:
+    """A :class:`ConfigError` raised inside says the flag the user typed instead of the config field."""
+    try:
+        yield
+    except ConfigError as e:
+        raise QavtpError(f"{flags.get(e.field, e.field)} {e.problem}") from None
+
+
+def _flag_text(field: str, value) -> str:
+    param = next(p for p, (f, _) in CALIBRATE_FIELDS.items() if f == field)
+    flag = CALIBRATE_FIELDS[param][1]
+    if param in NEGATED or value is True:
+        return flag
+    if isinstance(value, tuple):
+        value = ",".join(f"{r:g}" for r in value)
+    return f"{flag} {value}"
+
+
+def calibration_config(options: dict, given: set[str], recipe: str | None) -> tuple[CalibrationConfig, list[str]]:
+    """The command line's options as a :class:`CalibrationConfig`, with ``recipe`` filling what was not given;
+    also the flags the recipe set."""
+    changes = {}
+    for param, value in options.items():
+        field = CALIBRATE_FIELDS[param][0]
+        if param in NEGATED:
+            value = not value
+        elif param == "wgroup":
+            value = None if value == "auto" else int(value) if str(value).lstrip("-").isdigit() else value
+        changes[field] = value
+    config = updated(CalibrationConfig(), changes)
+    config, applied = apply_recipe(recipe, config, {CALIBRATE_FIELDS[p][0] for p in given})
+    return config, [_flag_text(f, v) for f, v in applied.items()]
 
 
 @click.group(cls=_Group)
@@ -74,7 +167,7 @@ def align_options(prefix: str):
         ),
         click.option(
             f"{prefix}positions",
-            type=click.Choice(["answer", "text"]),  # qavtp.calibrate.align.POSITIONS, not imported here
+            type=click.Choice(POSITIONS),
             default="answer",
             show_default=True,
             help="Where alignment compares the two models: the answer tokens, or every text token after the image.",
@@ -220,7 +313,7 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("--fusion-samples", type=int, default=64, show_default=True, help="Calibration questions for fusion.")
 @click.option(
     "--fusion-objective",
-    type=click.Choice(["kl", "choice-kl", "accuracy"]),
+    type=click.Choice(OBJECTIVES),
     default="kl",
     show_default=True,
     help="kl: match the FP dense model's next-token distribution; choice-kl: over the candidate answers only; "
@@ -243,17 +336,18 @@ def assemble(cache_dir: str | None, force: bool) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact directory.")
 @cache_option
-def calibrate(model, output, recipe, data_spec, **options):
+def calibrate(model, output, recipe, overwrite, cache_dir, **options):
     """Calibrate MODEL to W{wbits}A{abits} and write a quantization artifact."""
     from qavtp.calibrate.calibration import run_calibration
 
     ctx = click.get_current_context()
-    given = [k for k in options if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT]
-    options, applied = apply_recipe(recipe, options, given)
-    if applied:
-        click.echo(f"recipe {recipe}: {' '.join(applied)}", err=True)
-    wasym, aasym = options.pop("wasym"), options.pop("aasym")
-    out = run_calibration(model, output, data_spec=data_spec, wsym=not wasym, asym=not aasym, recipe=recipe, **options)
+    given = {k for k in options if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+    flags = {field: flag for field, flag in CALIBRATE_FIELDS.values()}
+    with flags_named(flags):
+        config, applied = calibration_config(options, given, recipe)
+        if applied:
+            click.echo(f"recipe {recipe}: {' '.join(applied)}", err=True)
+        out = run_calibration(model, output, config, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(f"wrote {out}")
 
 
@@ -261,14 +355,16 @@ def calibrate(model, output, recipe, data_spec, **options):
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--retain", default="0.5,0.25,0.125", show_default=True, help="Retention ratios to learn weights for.")
 @click.option("--fusion-samples", type=int, default=64, show_default=True, help="Calibration questions for fusion.")
-@click.option("--fusion-objective", type=click.Choice(["kl", "choice-kl", "accuracy"]), default="kl", show_default=True)
+@click.option("--fusion-objective", type=click.Choice(OBJECTIVES), default="kl", show_default=True)
 @fusion_holdout_option
 @cache_option
 def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cache_dir):
     """Learn the pruning fusion weights of an existing ARTIFACT again (its weights stay as they are)."""
-    from qavtp.calibrate.fusion import refit_fusion
+    from qavtp.calibrate.refine import refit_fusion
 
-    fus = refit_fusion(artifact, retain, fusion_samples, fusion_objective, cache_dir, holdout=fusion_holdout)
+    with flags_named(FUSE_FLAGS):
+        config = FusionConfig(ratios=retain, samples=fusion_samples, objective=fusion_objective, holdout=fusion_holdout)
+        fus = refit_fusion(artifact, config, cache_dir=cache_dir)
     for key, e in fus["ratios"].items():
         click.echo(f"retain {key}: {e['params']}")
     click.echo(f"wrote {Path(artifact) / 'config.json'}")
@@ -292,23 +388,12 @@ def align(
     The floating-point projector is distilled from the source model through the frozen quantized LLM; an
     artifact aligned before continues on new training questions. Fusion weights are learned again.
     """
-    from qavtp.calibrate.align import align_artifact
     from qavtp.calibrate.artifact import read_config
+    from qavtp.calibrate.refine import align_artifact
 
-    out = align_artifact(
-        artifact,
-        output,
-        steps,
-        lr,
-        batch_size,
-        retain,
-        overwrite,
-        cache_dir,
-        vision_lr=vision_lr,
-        scale_lr=scale_lr,
-        positions=positions,
-        device=device,
-    )
+    with flags_named(ALIGN_FLAGS):
+        config = AlignConfig(steps, lr, batch_size, retain, vision_lr, scale_lr, positions)
+        out = align_artifact(artifact, output, config, device=device, overwrite=overwrite, cache_dir=cache_dir)
     rec = read_config(out)["alignment"]
     gains = rec.get("scale_gains")
     spread = f"; scale gains {gains['min']:.4f}-{gains['max']:.4f}" if gains else ""
@@ -394,7 +479,7 @@ def eval_cmd(
 
     if batch_size < 1:
         raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
-    from qavtp.calibrate.fusion import parse_ratios
+    from qavtp.config import parse_ratios
     from qavtp.sweep import check_fusion, parse_scorers
 
     ratios = parse_ratios(retain)
@@ -676,7 +761,9 @@ def export_cmd(source, output, retain, scorer, fmt, accuracy_level, overwrite, c
     """Export SOURCE (a calibration artifact, a LLaVA directory or smollava-easyvqa) to ONNX."""
     from qavtp.export.export_model import export_model
 
-    out = export_model(source, output, retain, scorer, fmt, overwrite, accuracy_level, cache_dir)
+    with flags_named(EXPORT_FLAGS):
+        config = ExportConfig(retain=retain, scorer=scorer, format=fmt, accuracy_level=accuracy_level)
+        out = export_model(source, output, config, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(f"wrote {out}")
 
 

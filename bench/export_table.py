@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/export_table.md", help="also write the table here")
     args = ap.parse_args()
 
+    from qavtp.config import ExportConfig
     from qavtp.data.easyvqa import load_easyvqa
     from qavtp.export.export_model import load_source, write_export
 
@@ -78,7 +79,9 @@ def main() -> None:
                 loaded[source] = load_source(source)
             cells, sizes, rates = [], [], []
             for rho in args.retain:
-                d = write_export(loaded[source], Path(tmp) / f"{fmt}{level}-{rho:g}", rho, "qapruner", fmt, level)
+                d = write_export(
+                    loaded[source], Path(tmp) / f"{fmt}{level}-{rho:g}", ExportConfig(rho, "qapruner", fmt, level)
+                )
                 ms, tok_s = _bench(d, row["image"], row["question"], args.runs, args.threads)
                 cells.append(f"{ms:.0f}")
                 rates.append(tok_s)

@@ -36,6 +36,7 @@ def main() -> None:
 
     import openvino
 
+    from qavtp.config import ExportConfig
     from qavtp.data import load_data
     from qavtp.errors import QavtpError
     from qavtp.export.accuracy import compare, evaluate_export
@@ -57,7 +58,9 @@ def main() -> None:
             ("W4A4 qdq", args.artifact, "qdq"),
             ("W4A4 ort", args.artifact, "ort"),
         ):
-            d = write_export(load_source(source), Path(tmp) / label.replace(" ", "_"), args.retain, "qapruner", fmt)
+            d = write_export(
+                load_source(source), Path(tmp) / label.replace(" ", "_"), ExportConfig(args.retain, "qapruner", fmt)
+            )
             results = {}
             for runtime in ("onnxruntime", "openvino"):
                 try:

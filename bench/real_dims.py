@@ -52,6 +52,7 @@ def main() -> None:
 
     from qavtp.calibrate.calibration import run_calibration
     from qavtp.cli import main as cli
+    from qavtp.config import CalibrationConfig, ExportConfig, FusionConfig
     from qavtp.data.easyvqa import load_easyvqa
     from qavtp.data.prompts import SHORT_ANSWER
     from qavtp.export.export_model import export_model
@@ -81,17 +82,15 @@ def main() -> None:
         lambda: run_calibration(
             model_dir,
             work / "artifact",
-            n_samples=8,
-            batch_size=4,
-            retain="0.125",
-            fusion_samples=4,
+            CalibrationConfig(n_samples=8, batch_size=4, fusion=FusionConfig(ratios=(0.125,), samples=4)),
             progress=False,
         ),
     )
     exports = {}
     for fmt in ("qdq", "ort"):
         exports[fmt] = stage(
-            f"export {fmt} (retain 0.125, qavtp)", lambda f=fmt: export_model(str(art), work / f, 0.125, "qavtp", f)
+            f"export {fmt} (retain 0.125, qavtp)",
+            lambda f=fmt: export_model(str(art), work / f, ExportConfig(0.125, "qavtp", f)),
         )
     image = work / "q.png"
     test[0]["image"].save(image)

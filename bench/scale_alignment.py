@@ -26,6 +26,7 @@ def main() -> None:
 
     from qavtp.calibrate.align import align_projector, alignment_data
     from qavtp.calibrate.artifact import load_artifact
+    from qavtp.config import AlignConfig
     from qavtp.models.loading import load_model, resolve
 
     rows = []
@@ -34,7 +35,9 @@ def main() -> None:
         _, processor, adapter, cfg = load_artifact(a.artifact)
         teacher, _, _ = load_model(resolve(cfg["source"]["model"]))
         train, held = alignment_data(cfg["data"]["spec"], a.steps, 8, seed=cfg["options"]["seed"])
-        rec = align_projector(adapter, teacher, processor, train, held, a.steps, eval_every=10, scale_lr=lr)
+        rec = align_projector(
+            adapter, teacher, processor, train, held, AlignConfig(steps=a.steps, scale_lr=lr), eval_every=10
+        )
         rows.append((lr, rec))
     checks = [c["step"] for c in rows[0][1]["curve"]]
     lines = [

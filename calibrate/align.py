@@ -27,39 +27,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qavtp.calibrate.quantizers import QuantWeight, dequantize_weight
+from qavtp.config import AlignConfig
+from qavtp.data import load_data
 from qavtp.device import to_device
 from qavtp.errors import QavtpError
-
-CALIBRATE_FLAGS = (
-    "--align-projector",
-    "--align-lr",
-    "--align-batch",
-    "--align-retain",
-    "--align-vision-lr",
-    "--align-scale-lr",
-)
-ALIGN_FLAGS = ("--steps", "--lr", "--batch-size", "--retain", "--vision-lr", "--scale-lr")  # qavtp align's
-
-
-def check_align_options(
-    steps: int,
-    lr: float,
-    batch_size: int,
-    flags: tuple[str, ...] = CALIBRATE_FLAGS,
-    vision_lr: float = 0.0,
-    scale_lr: float = 0.0,
-) -> None:
-    if steps < 0:
-        raise QavtpError(f"{flags[0]} must be 0 (off) or a number of steps, got {steps}")
-    if steps and not lr > 0:
-        raise QavtpError(f"{flags[1]} must be positive, got {lr}")
-    if steps and batch_size < 1:
-        raise QavtpError(f"{flags[2]} must be at least 1, got {batch_size}")
-    if not vision_lr >= 0:
-        raise QavtpError(f"{flags[4]} must be 0 (tower frozen) or positive, got {vision_lr}")
-    if not scale_lr >= 0:
-        raise QavtpError(f"{flags[5]} must be 0 (weight scales frozen) or positive, got {scale_lr}")
-
+from qavtp.prompting import encode
+from qavtp.pruning import prune_sequence, select_tokens
+from qavtp.scoring import score_tokens
+from qavtp.training import answer_batch, warmup_cosine
 
 HELDOUT = 128  # held-out questions that pick the aligned projector's step
 
@@ -72,8 +47,6 @@ def alignment_data(spec: str, steps: int, batch_size: int, heldout: int = HELDOU
     first training questions (those an earlier alignment used), wrapping round at the end of the split; the
     held-out questions stay the same, so KLs of a continued alignment compare with the earlier ones.
     """
-    from qavtp.data import load_data
-
     ds = load_data(spec, "train").shuffle(seed=seed + 1)  # another draw than the calibration set's
     n_held = max(1, min(heldout, len(ds) // 4))
     pool = len(ds) - n_held
@@ -97,8 +70,6 @@ def _pruned_answer_logprobs(adapter, prompt_enc, enc, keep: int, mask: torch.Ten
     preset fusion (``qapruner``: the artifact's own fusion weights are learned after alignment); the
     selection is not differentiable, the kept tokens' values are.
     """
-    from qavtp.pruning import prune_sequence, select_tokens
-    from qavtp.scoring import score_tokens
 
     with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=bf16):
         with torch.no_grad():
@@ -122,17 +93,12 @@ def _kl(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
 
 
 def _batches(processor, data, batch_size: int, device: torch.device | None = None):
-    from qavtp.prompting import encode
-    from qavtp.training import answer_batch
 
     for s in range(0, len(data), batch_size):
         rows = data[s : s + batch_size]
         enc, keep, labels = answer_batch(processor, rows)
         prompt_enc = encode(processor, rows["image"], rows["prompt"])
         yield to_device(prompt_enc, device), to_device(enc, device), keep, (labels != -100).to(device)
-
-
-POSITIONS = ("answer", "text")
 
 
 def _text_positions(batch, image_token_id: int):
@@ -215,16 +181,11 @@ def align_projector(
     processor,
     train,
     heldout,
-    steps: int,
-    batch_size: int = 8,
-    lr: float = 3e-4,
-    ratios: tuple[float, ...] = (1.0,),
+    config: AlignConfig,
+    *,
     eval_every: int = 50,
     bf16: bool = True,
     progress: bool = True,
-    vision_lr: float = 0.0,
-    scale_lr: float = 0.0,
-    positions: str = "answer",
     device: torch.device | None = None,
 ) -> dict:
     """Distil ``teacher`` (the floating-point model, dense) into the projector of ``adapter``'s quantized model
@@ -238,16 +199,12 @@ def align_projector(
     signal than the answer tokens alone; the held-out KL that picks the step stays the answer tokens'.
     The questions go to ``device`` (default the CPU), where ``adapter.model`` and ``teacher`` must already be.
     """
-    from qavtp.pruning import check_ratio
-    from qavtp.training import warmup_cosine
-
-    if steps < 1:
-        raise QavtpError(f"projector alignment needs at least one step, got {steps}")
+    if not config.enabled:
+        raise QavtpError(f"projector alignment needs at least one step, got {config.steps}")
     if len(train) == 0 or len(heldout) == 0:
         raise QavtpError("projector alignment needs training and held-out questions")
-    ratios = [check_ratio(r) for r in ratios]
-    if positions not in POSITIONS:
-        raise QavtpError(f"unknown alignment positions {positions!r}; use one of {', '.join(POSITIONS)}")
+    steps, batch_size, lr, positions = config.steps, config.batch_size, config.lr, config.positions
+    vision_lr, scale_lr, ratios = config.vision_lr, config.scale_lr, list(config.ratios)
     t0 = time.time()
     model = adapter.model
     rates = {"multi_modal_projector": lr, **({"vision_tower": vision_lr} if vision_lr > 0 else {})}
@@ -376,106 +333,3 @@ def plot_alignment(record: dict, path) -> None:
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
-
-
-def align_artifact(
-    artifact_dir,
-    output,
-    steps: int = 200,
-    lr: float = 3e-4,
-    batch_size: int = 8,
-    retain: str | list[float] = "1",
-    overwrite: bool = False,
-    cache_dir=None,
-    progress: bool = True,
-    vision_lr: float = 0.0,
-    scale_lr: float = 0.0,
-    positions: str = "answer",
-    device: str | None = None,
-):
-    """``qavtp align``: align the projector of an existing artifact and write the result as a new artifact.
-
-    The LLM's codes are the artifact's; an artifact aligned before continues from its projector on training
-    questions it has not seen. Fusion weights, if the artifact has them, are learned again for the new
-    projector, with the ratios, objective and sample count they were learned with. ``device`` (cuda, cuda:N)
-    runs a dense alignment there, student and teacher both; fusion learning stays on the CPU.
-    """
-    import gc
-    from pathlib import Path
-
-    from qavtp.calibrate.artifact import (
-        activation_spec,
-        calibration_questions,
-        load_artifact,
-        read_config,
-        save_artifact,
-    )
-    from qavtp.calibrate.fusion import fusion_targets, learn_fusion, parse_ratios
-    from qavtp.device import describe, resolve_device, visiting
-    from qavtp.models.loading import load_model, resolve
-
-    if steps < 1:
-        raise QavtpError(f"--steps must be at least 1, got {steps}")
-    check_align_options(steps, lr, batch_size, ALIGN_FLAGS, vision_lr, scale_lr)
-    ratios = parse_ratios(retain)
-    if not ratios:
-        raise QavtpError(f"{ALIGN_FLAGS[3]} needs at least one retention ratio (1: the dense model)")
-    if device not in (None, "cpu") and any(r < 1 for r in ratios):
-        # The pruned student (scoring, selection) has not run on a GPU yet.
-        raise QavtpError(f"--device {device} aligns the dense model only (--retain 1); pruned ratios align on the CPU")
-    dev = resolve_device(device)
-    src, out = Path(artifact_dir), Path(output)
-    if out.exists() and not overwrite:
-        raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
-    path = resolve(read_config(src)["source"]["model"], cache_dir)  # read_config checks the schema version
-    model, processor, adapter, cfg = load_artifact(src, path)  # and this the source model's fingerprint
-    teacher, _, _ = load_model(path)
-    before = cfg.get("alignment")
-    done = before["train_questions"] if before else 0
-    seed = cfg["options"]["seed"]
-    train, held = alignment_data(cfg["data"]["spec"], steps, batch_size, seed=seed, skip=done)
-    with visiting(model, dev), visiting(teacher, dev):
-        record = align_projector(
-            adapter,
-            teacher,
-            processor,
-            train,
-            held,
-            steps,
-            batch_size=batch_size,
-            lr=lr,
-            ratios=ratios,
-            progress=progress,
-            vision_lr=vision_lr,
-            scale_lr=scale_lr,
-            positions=positions,
-            device=dev,
-        )
-    record["device"] = describe(dev)
-    if before:
-        record["continued_from"] = {k: before[k] for k in ("steps", "best_step", "heldout_kl_after", "train_questions")}
-    fusion = cfg.get("fusion")
-    if fusion:
-        # The fusion weights were chosen for the old projector's tokens: learn them again, as they were learned.
-        holdout = bool(fusion.get("holdout_samples"))  # 0: learned without a hold-out
-        fds, target, hold = fusion_targets(teacher, processor, calibration_questions(cfg), fusion["n_samples"], holdout)
-        del teacher
-        gc.collect()
-        cfg["fusion"] = learn_fusion(
-            adapter,
-            processor,
-            fds,
-            [float(r) for r in fusion["ratios"]],
-            target,
-            activation_spec(cfg),
-            fusion["objective"],
-            progress=progress,
-            holdout=hold,
-        )
-    cfg["alignment"] = record
-    cfg["options"]["align_steps"] = cfg["options"].get("align_steps", 0) + steps
-    # Once a tower has been aligned, the artifact keeps carrying it, whatever later alignments train.
-    cfg["options"]["aligned_vision"] = bool(cfg["options"].get("aligned_vision")) or vision_lr > 0
-    cfg["aligned_from"] = str(src)
-    cfg.pop("schema_version")  # written anew: this qavtp's
-    return save_artifact(out, model, cfg, overwrite, extras=lambda d: plot_alignment(record, d / "alignment.png"))

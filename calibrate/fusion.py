@@ -102,25 +102,6 @@ def fusion_targets(fp_model, processor, calibration_set, fusion_samples: int, ho
     return fds, dense_logprobs(fp_model, processor, fds), held
 
 
-def parse_ratios(spec: str | float | list | tuple | None) -> list[float]:
-    """``"0.5,0.25,0.125"`` -> ``[0.5, 0.25, 0.125]``, each checked to lie in (0, 1]; ``""``/``none`` -> ``[]``."""
-    if spec is None:
-        return []
-    if isinstance(spec, int | float):
-        return [check_ratio(spec)]
-    parts = spec if isinstance(spec, list | tuple) else [p for p in str(spec).split(",") if p.strip()]
-    if len(parts) == 1 and str(parts[0]).strip().lower() == "none":
-        return []
-    out = []
-    for p in parts:
-        try:
-            v = float(p)
-        except ValueError:
-            raise QavtpError(f"retention ratio {p!r} is not a number") from None
-        out.append(check_ratio(v))
-    return out
-
-
 def candidate_grid(
     base: FusionParams, stage: int, best: FusionParams | None = None, semantics: tuple[str, ...] = ("text", "cls")
 ) -> list[FusionParams]:
@@ -399,40 +380,3 @@ def learn_fusion(
     result["holdout_samples"] = len(holdout[0]) if holdout else 0
     result["seconds"] = round(time.time() - t0, 1)
     return result
-
-
-def refit_fusion(
-    artifact_dir,
-    retain: str | list[float] = "0.5,0.25,0.125",
-    fusion_samples: int = 64,
-    objective: str = "kl",
-    cache_dir=None,
-    progress: bool = True,
-    holdout: bool = True,
-) -> dict:
-    """Learn the fusion weights of an existing artifact again (other ratios, objective or sample count).
-
-    The calibration questions are the artifact's own; only ``config.json`` is rewritten (atomically).
-    """
-    import gc
-    from pathlib import Path
-
-    from qavtp.calibrate.artifact import CONFIG, activation_spec, calibration_questions, load_artifact, read_config
-    from qavtp.io import atomic_write_json
-    from qavtp.models.loading import load_model, resolve
-
-    cfg = read_config(artifact_dir)
-    ratios = [r for r in parse_ratios(retain) if r < 1.0]
-    if not ratios:
-        raise QavtpError("name at least one retention ratio below 1 to learn fusion weights for")
-    check_objective(objective)
-    fp, processor, _ = load_model(resolve(cfg["source"]["model"], cache_dir))
-    fds, target, held = fusion_targets(fp, processor, calibration_questions(cfg), fusion_samples, holdout)
-    del fp
-    gc.collect()
-    _, processor, adapter, cfg = load_artifact(artifact_dir)
-    cfg["fusion"] = learn_fusion(
-        adapter, processor, fds, ratios, target, activation_spec(cfg), objective, progress=progress, holdout=held
-    )
-    atomic_write_json(Path(artifact_dir) / CONFIG, cfg)
-    return cfg["fusion"]

@@ -17,17 +17,16 @@ import onnx
 
 from qavtp.calibrate.artifact import read_config
 from qavtp.calibrate.fusion import fusion_for
+from qavtp.config import ExportConfig
 from qavtp.errors import QavtpError
 from qavtp.export.external_data import WeightStore, to_model
-from qavtp.export.int4 import check_format
 from qavtp.export.llava_graph import check_supported
 from qavtp.export.onnx_graph import Graph
 from qavtp.export.prefill_decode import build_decode, build_prefill
 from qavtp.io import atomic_dir
-from qavtp.pruning import check_ratio, keep_count
+from qavtp.pruning import keep_count
 from qavtp.scoring import qapruner_params
 
-EXPORT_SCORERS = ("qavtp", "qapruner", "semantic")
 EXPORT_VERSION = 1
 META = "export.json"
 PREFILL, DECODE, WEIGHTS = "prefill.onnx", "decode.onnx", "weights.bin"
@@ -142,43 +141,30 @@ def load_source(source: str, cache_dir: str | os.PathLike | None = None) -> Load
     return loaded
 
 
-def _check_options(rho: float, scorer: str, fmt: str, accuracy_level: int) -> float:
-    check_format(fmt)
-    rho = check_ratio(rho)
-    if rho < 1 and scorer not in EXPORT_SCORERS:
-        raise QavtpError(f"scorer {scorer!r} cannot be exported; use one of {', '.join(EXPORT_SCORERS)}")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise QavtpError(f"accuracy level must be 0..4, got {accuracy_level}")
-    return rho
-
-
 def export_model(
     source: str,
     out_dir: str | os.PathLike,
-    retain: float = 1.0,
-    scorer: str = "qavtp",
-    fmt: str = "qdq",
+    config: ExportConfig,
+    *,
     overwrite: bool = False,
-    accuracy_level: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Export ``source`` (an artifact directory, a LLaVA checkpoint or ``smollava-easyvqa``) to ``out_dir``."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
-    rho = _check_options(retain, scorer, fmt, accuracy_level)
-    if rho < 1 and scorer == "qavtp":
+    if config.retain < 1 and config.scorer == "qavtp":
         if not is_artifact(source):
             raise QavtpError(
                 "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
             )
-        fusion_for(read_config(source), rho)  # fail before loading anything
-    return write_export(load_source(source, cache_dir), out, rho, scorer, fmt, accuracy_level)
+        fusion_for(read_config(source), config.retain)  # fail before loading anything
+    return write_export(load_source(source, cache_dir), out, config)
 
 
-def write_export(loaded: Loaded, out: Path, retain: float, scorer: str, fmt: str, accuracy_level: int = 0) -> Path:
+def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
     """Build both graphs of a loaded model and write the export directory (replacing ``out`` atomically)."""
-    rho = _check_options(retain, scorer, fmt, accuracy_level)
+    rho, scorer, fmt, accuracy_level = config.retain, config.scorer, config.format, config.accuracy_level
     model, processor, adapter, cfg = loaded.model, loaded.processor, loaded.adapter, loaded.cfg
     n = _n_visual(model)
     k = keep_count(n, rho)

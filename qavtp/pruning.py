@@ -20,16 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qavtp.config import check_ratio
 from qavtp.errors import QavtpError
 from qavtp.models.capture import capture_inputs
 from qavtp.prompting import position_ids as left_padded_positions
 from qavtp.scoring import check_layer, model_inputs
-
-
-def check_ratio(rho: float) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, int | float) or not 0.0 < rho <= 1.0:
-        raise QavtpError(f"retention ratio must lie in (0, 1], got {rho}")
-    return float(rho)
 
 
 def keep_count(n: int, rho: float) -> int:

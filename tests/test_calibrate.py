@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -18,10 +19,12 @@ from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec, d
 from qavtp.calibrate.rotation import rotate_model
 from qavtp.calibrate.stats import InputStats, capture_layer_inputs, observe_layer
 from qavtp.cli import main
+from qavtp.config import AlignConfig, QuantConfig
 from qavtp.data import load_data
 from qavtp.errors import QavtpError
 from qavtp.models.loading import load_model
 from qavtp.prompting import encode
+from tests.helpers import calibration
 
 # A LLaMA decoder layer's linears, in data-flow order.
 LINEARS = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
@@ -82,7 +85,7 @@ def test_w8a8_stays_close_and_w4a4_degrades(tiny_llava_dir, calib, probe, method
     errs = {}
     for bits in (8, 4):
         model, _, adapter = load_model(tiny_llava_dir)
-        calibrate_model(adapter, calib, method, QuantSpec(bits, True, 16), QuantSpec(bits, True, 0), progress=False)
+        calibrate_model(adapter, calib, QuantConfig(method=method, wbits=bits, wgroup=16, abits=bits), progress=False)
         assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
         errs[bits] = _rel(_logits(model, probe), ref)
     assert errs[8] < 0.05
@@ -124,11 +127,11 @@ def test_sequential_hessians_see_the_quantized_inputs(tiny_llava_dir, calib, pro
     torch.testing.assert_close(h_q[name].hessian(), 2 * xq.T @ xq / len(xq))
     assert not torch.allclose(h_q[name].hessian(), h_f[name].hessian())
     # End to end: every linear quantized, in data-flow order, and not the one-pass result.
-    specs = (QuantSpec(4, True, 16), QuantSpec(4, False, 16))
+    quant = QuantConfig(gptq=True, wgroup=16, a_symmetric=False, agroup=16)
     models = []
     for seq in (False, True):
         model, _, adapter = load_model(tiny_llava_dir)
-        rec = calibrate_model(adapter, calib, "quarot", *specs, gptq=True, progress=False, sequential=seq)
+        rec = calibrate_model(adapter, calib, replace(quant, sequential=seq), progress=False)
         models.append(model)
     assert [q.split(".", 2)[2] for q in rec["quantized"][:7]] == [*LINEARS[:-1], "mlp.down_proj.linear"]
     assert (_logits(models[0], probe) - _logits(models[1], probe)).abs().max() > 1e-4
@@ -138,11 +141,11 @@ def test_sequential_hessians_see_the_quantized_inputs(tiny_llava_dir, calib, pro
 def test_fp_alignment_brings_the_quantized_model_closer_to_float(tiny_llava_dir, calib, probe, gptq):
     ref_model, _, _ = load_model(tiny_llava_dir)
     ref = _logits(ref_model, probe)
-    specs = (QuantSpec(4, True, 16), QuantSpec(4, False, 16))
+    quant = QuantConfig(gptq=gptq, wgroup=16, a_symmetric=False, agroup=16, sequential=True)
     errs = {}
     for alpha in (0.0, 1.0):
         model, _, adapter = load_model(tiny_llava_dir)
-        calibrate_model(adapter, calib, "quarot", *specs, gptq=gptq, progress=False, sequential=True, fp_align=alpha)
+        calibrate_model(adapter, calib, replace(quant, fp_align=alpha), progress=False)
         errs[alpha] = _rel(_logits(model, probe), ref)
     assert errs[1.0] < errs[0.0], errs
 
@@ -155,12 +158,11 @@ OFFLOAD_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_layer_offload_gives_the_in_place_calibration(tiny_llava_dir, calib, probe, device, method, aligned):
     """``calibrate_model(device=...)``: each layer visits the device and comes back; the model ends where it
     started and equals the in-place calibration (bit for bit when the device is the CPU itself)."""
-    spec = (QuantSpec(4, True, 16), QuantSpec(8, True, 0))
-    opts = {"gptq": True, "progress": False, "sequential": aligned, "fp_align": 0.25 if aligned else 0.0}
+    quant = QuantConfig(method, gptq=True, wgroup=16, abits=8, sequential=aligned, fp_align=0.25 if aligned else 0.0)
     base, _, adapter = load_model(tiny_llava_dir)
-    rec = calibrate_model(adapter, calib, method, *spec, **opts)
+    rec = calibrate_model(adapter, calib, quant, progress=False)
     model, _, adapter = load_model(tiny_llava_dir)
-    rec_dev = calibrate_model(adapter, calib, method, *spec, **opts, device=torch.device(device))
+    rec_dev = calibrate_model(adapter, calib, quant, progress=False, device=torch.device(device))
     tensors = [*model.parameters(), *model.buffers()]
     assert {t.device.type for t in tensors} == {"cpu"}
     assert rec_dev["quantized"] == rec["quantized"] and len(rec["quantized"]) == 14
@@ -185,11 +187,7 @@ def test_artifact_round_trip_is_exact(tiny_llava_dir, calib, probe, tmp_path):
     out = run_calibration(
         tiny_llava_dir,
         tmp_path / "art",
-        n_samples=8,
-        batch_size=4,
-        method="quarot",
-        wgroup=16,
-        gptq=True,
+        calibration(n_samples=8, batch_size=4, method="quarot", wgroup=16, gptq=True),
         progress=False,
     )
     cfg = read_config(out)
@@ -203,9 +201,7 @@ def test_artifact_round_trip_is_exact(tiny_llava_dir, calib, probe, tmp_path):
     model, processor, adapter = load_model(tiny_llava_dir)
     torch.manual_seed(0)
     batches = calibration_batches(processor, load_data("easy-vqa", "train", limit=8, seed=0), 4)
-    calibrate_model(
-        adapter, batches, "quarot", QuantSpec(4, True, 16), QuantSpec(4, True, 0), gptq=True, progress=False
-    )
+    calibrate_model(adapter, batches, QuantConfig(gptq=True, wgroup=16), progress=False)
     torch.testing.assert_close(_logits(model, probe), _logits(loaded, probe), rtol=0, atol=1e-6)
 
 
@@ -213,7 +209,10 @@ def test_artifact_round_trip_is_exact(tiny_llava_dir, calib, probe, tmp_path):
 def test_quantized_vocabulary_round_trip(tiny_llava_dir, probe, tmp_path, bits, wsym):
     """--vocab-bits: embedding and LM head become weight codes; the artifact holds no float vocabulary matrix."""
     out = run_calibration(
-        tiny_llava_dir, tmp_path / "art", n_samples=8, batch_size=4, vocab_bits=bits, wsym=wsym, progress=False
+        tiny_llava_dir,
+        tmp_path / "art",
+        calibration(n_samples=8, batch_size=4, vocab_bits=bits, wsym=wsym),
+        progress=False,
     )
     cfg = read_config(out)
     assert cfg["options"]["vocab"] == {**cfg["options"]["weights"], "bits": bits}
@@ -238,7 +237,9 @@ def test_kv_cache_quantization_round_trip(tiny_llava_dir, probe, tmp_path):
     """--kv-bits 4: attention reads 4-bit keys (after RoPE and a per-head Hadamard) and values. Float activations
     elsewhere (W4A16): a W4A4 model moves as much under any small perturbation, which would hide the effect."""
     options = {"abits": 16, "kv_bits": 4}
-    out = run_calibration(tiny_llava_dir, tmp_path / "art", n_samples=8, batch_size=4, progress=False, **options)
+    out = run_calibration(
+        tiny_llava_dir, tmp_path / "art", calibration(n_samples=8, batch_size=4, **options), progress=False
+    )
     assert read_config(out)["options"]["kv_cache"] == {
         "bits": 4,
         "symmetric": False,
@@ -263,7 +264,10 @@ def test_kv_cache_quantization_round_trip(tiny_llava_dir, probe, tmp_path):
 
 def test_vision_statistics_are_recorded_on_request(tiny_llava_dir, tmp_path):
     out = run_calibration(
-        tiny_llava_dir, tmp_path / "art", n_samples=4, batch_size=4, vision_stats=True, retain="none", progress=False
+        tiny_llava_dir,
+        tmp_path / "art",
+        calibration(n_samples=4, batch_size=4, vision_stats=True, retain="none"),
+        progress=False,
     )
     vision = read_config(out)["calibration"]["vision_stats"]
     model, _, _ = load_model(tiny_llava_dir)
@@ -282,7 +286,10 @@ def test_mixed_precision_a8_round_trip(tiny_llava_dir, probe, tmp_path):
     """--a8 keeps 8-bit inputs at the selected linears (by projection and by layer, down_proj inside its online
     Hadamard wrapper included); the artifact records them and loads the same model back."""
     out = run_calibration(
-        tiny_llava_dir, tmp_path / "art", n_samples=8, batch_size=4, agroup=16, a8="up_proj,down_proj,1", progress=False
+        tiny_llava_dir,
+        tmp_path / "art",
+        calibration(n_samples=8, batch_size=4, agroup=16, a8="up_proj,down_proj,1"),
+        progress=False,
     )
     cfg = read_config(out)
     assert cfg["schema_version"] == 3 and cfg["options"]["a8"] == "up_proj,down_proj,1"
@@ -331,7 +338,10 @@ def test_bad_calibration_inputs(tiny_llava_dir, tmp_path):
 
 def test_artifact_from_another_model_or_schema_is_refused(tiny_llava_dir, tmp_path):
     out = run_calibration(
-        tiny_llava_dir, tmp_path / "art", n_samples=4, batch_size=4, method="rtn", wgroup=16, progress=False
+        tiny_llava_dir,
+        tmp_path / "art",
+        calibration(n_samples=4, batch_size=4, method="rtn", wgroup=16),
+        progress=False,
     )
     cfg = json.loads((out / "config.json").read_text())
     cfg["schema_version"] = 99
@@ -370,17 +380,24 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_llava_dir):
 
 
 def test_auto_group_size_divides_every_width(tiny_llava_dir, tmp_path):
-    out = run_calibration(tiny_llava_dir, tmp_path / "art", n_samples=4, batch_size=4, method="rtn", progress=False)
+    out = run_calibration(
+        tiny_llava_dir, tmp_path / "art", calibration(n_samples=4, batch_size=4, method="rtn"), progress=False
+    )
     assert read_config(out)["options"]["weights"]["group_size"] == 64  # widths 64 and 128: 128 does not fit
-    with pytest.raises(QavtpError, match="--wgroup must be an integer or 'auto'"):
-        run_calibration(tiny_llava_dir, tmp_path / "b", wgroup="big", progress=False)
+    with pytest.raises(QavtpError, match="wgroup must be an integer or 'auto'"):
+        run_calibration(tiny_llava_dir, tmp_path / "b", calibration(wgroup="big"), progress=False)
+    r = CliRunner().invoke(main, ["calibrate", str(tiny_llava_dir), "--wgroup", "big", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "Error: --wgroup must be an integer or 'auto', got 'big'" in r.output
 
 
 def test_projector_alignment_moves_only_the_projector_and_never_worsens_heldout_kl(tiny_llava_dir, tmp_path):
-    common = dict(n_samples=8, batch_size=4, wgroup=16, gptq=True, retain="0.5", fusion_samples=3, progress=False)
-    plain = run_calibration(tiny_llava_dir, tmp_path / "plain", **common)
+    common = dict(n_samples=8, batch_size=4, wgroup=16, gptq=True, retain="0.5", fusion_samples=3)
+    plain = run_calibration(tiny_llava_dir, tmp_path / "plain", calibration(**common), progress=False)
     aligned = run_calibration(
-        tiny_llava_dir, tmp_path / "aligned", align_steps=4, align_lr=3e-3, align_batch=4, **common
+        tiny_llava_dir,
+        tmp_path / "aligned",
+        calibration(align_steps=4, align_lr=3e-3, align_batch=4, **common),
+        progress=False,
     )
     cfg = read_config(aligned)
     rec = cfg["alignment"]
@@ -400,7 +417,9 @@ def test_projector_alignment_moves_only_the_projector_and_never_worsens_heldout_
 def test_projector_alignment_learns_through_the_quantized_llm(tiny_llava_dir, probe, tmp_path, ratios):
     from qavtp.calibrate.align import align_projector, alignment_data
 
-    art = run_calibration(tiny_llava_dir, tmp_path / "a", n_samples=8, wgroup=16, retain="none", progress=False)
+    art = run_calibration(
+        tiny_llava_dir, tmp_path / "a", calibration(n_samples=8, wgroup=16, retain="none"), progress=False
+    )
     student, processor, adapter, _ = load_artifact(art)
     teacher, _, _ = load_model(tiny_llava_dir)
     torch.manual_seed(0)
@@ -415,9 +434,8 @@ def test_projector_alignment_learns_through_the_quantized_llm(tiny_llava_dir, pr
     before = kl()
     llm = {k: v.clone() for k, v in student.model.language_model.state_dict().items()}
     train, held = alignment_data("easy-vqa", 12, 4, 16, seed=0)
-    rec = align_projector(
-        adapter, teacher, processor, train, held, 12, batch_size=4, lr=3e-3, ratios=ratios, eval_every=4, progress=False
-    )
+    config = AlignConfig(steps=12, batch_size=4, lr=3e-3, ratios=ratios)
+    rec = align_projector(adapter, teacher, processor, train, held, config, eval_every=4, progress=False)
     assert rec["best_step"] > 0 and rec["heldout_kl_after"] < 0.7 * rec["heldout_kl_before"]
     best = next(c for c in rec["curve"] if c["step"] == rec["best_step"])["by_ratio"]
     assert best.keys() == {str(r) for r in ratios}
@@ -441,7 +459,10 @@ def test_align_command_aligns_an_existing_artifact_and_relearns_fusion(tiny_llav
     """``qavtp align``: a new artifact whose only changed tensors are the projector's, fusion learned again with
     the same settings; aligning that one again continues on new questions."""
     plain = run_calibration(
-        tiny_llava_dir, tmp_path / "plain", n_samples=8, wgroup=16, retain="0.5", fusion_samples=3, progress=False
+        tiny_llava_dir,
+        tmp_path / "plain",
+        calibration(n_samples=8, wgroup=16, retain="0.5", fusion_samples=3),
+        progress=False,
     )
     run = CliRunner().invoke
     res = run(main, ["align", str(plain), "-o", str(tmp_path / "a1"), "--steps", "4", "--lr", "3e-2",
@@ -474,7 +495,9 @@ def test_align_vision_tower_is_stored_and_carried(tiny_llava_dir, tmp_path):
     tower no longer describes the model) and loaded back; a later projector-only alignment keeps carrying it."""
     from safetensors import safe_open
 
-    plain = run_calibration(tiny_llava_dir, tmp_path / "plain", n_samples=4, wgroup=16, retain="none", progress=False)
+    plain = run_calibration(
+        tiny_llava_dir, tmp_path / "plain", calibration(n_samples=4, wgroup=16, retain="none"), progress=False
+    )
     run = CliRunner().invoke
     res = run(main, ["align", str(plain), "-o", str(tmp_path / "t"), "--steps", "3", "--lr", "3e-2",
                      "--vision-lr", "3e-2", "--batch-size", "4"])  # fmt: skip
@@ -533,7 +556,10 @@ def test_align_scales_changes_only_scales_and_loads_back(tiny_llava_dir, tmp_pat
     import qavtp.calibrate.align as align
 
     plain = run_calibration(
-        tiny_llava_dir, tmp_path / "plain", n_samples=4, wgroup=16, vocab_bits=4, retain="none", progress=False
+        tiny_llava_dir,
+        tmp_path / "plain",
+        calibration(n_samples=4, wgroup=16, vocab_bits=4, retain="none"),
+        progress=False,
     )
     heldout_kl = align._heldout_kl
     calls = []
@@ -590,9 +616,11 @@ def test_text_positions_cover_the_text_after_the_image(tiny_llava_dir, easyvqa_t
 
 
 def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
-    import qavtp.calibrate.align as align
+    import qavtp.calibrate.refine as refine
 
-    plain = run_calibration(tiny_llava_dir, tmp_path / "plain", n_samples=4, wgroup=16, retain="none", progress=False)
+    plain = run_calibration(
+        tiny_llava_dir, tmp_path / "plain", calibration(n_samples=4, wgroup=16, retain="none"), progress=False
+    )
     run = CliRunner().invoke
     base = ["align", str(plain), "-o", str(tmp_path / "a")]
     _one_line_error(run(main, [*base, "--steps", "0"]), "--steps must be at least 1")
@@ -612,32 +640,34 @@ def test_bad_align_inputs(tiny_llava_dir, tmp_path, monkeypatch):
     def broken_plot(record, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(align, "plot_alignment", broken_plot)  # the last file written: all or nothing lands
+    monkeypatch.setattr(refine, "plot_alignment", broken_plot)  # the last file written: all or nothing lands
     with pytest.raises(OSError, match="disk full"):
-        align.align_artifact(plain, tmp_path / "a", steps=1, batch_size=2, progress=False)
+        refine.align_artifact(plain, tmp_path / "a", AlignConfig(steps=1, batch_size=2), progress=False)
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a*"))
 
 
 def test_recipes_fill_only_the_options_left_at_their_defaults():
-    from qavtp.calibrate.recipes import apply_recipe
+    from qavtp.cli import calibration_config
 
     defaults = {"gptq": False, "agroup": 0, "retain": "0.5,0.25,0.125", "align_retain": "1", "align_steps": 0}
-    opts, flags = apply_recipe("aligned", defaults, given=["agroup"])
-    assert opts["gptq"] is True and opts["agroup"] == 0 and opts["align_steps"] == 200
-    assert opts["align_retain"] == "0.5,0.25,0.125" and "--align-retain 0.5,0.25,0.125" in flags
+    cfg, flags = calibration_config(defaults, {"agroup"}, "aligned")
+    assert cfg.quant.gptq is True and cfg.quant.agroup == 0 and cfg.align.steps == 200
+    assert cfg.align.ratios == (0.5, 0.25, 0.125) and "--align-retain 0.5,0.25,0.125" in flags
     assert "--gptq" in flags and not any(f.startswith("--agroup") for f in flags)
-    opts, _ = apply_recipe("aligned", {**defaults, "retain": "none"}, given=["retain"])
-    assert opts["align_retain"] == "1"
-    opts, _ = apply_recipe("aligned", {**defaults, "retain": "1,0.125", "align_retain": "0.125"}, ["align_retain"])
-    assert opts["align_retain"] == "0.125"
-    opts, _ = apply_recipe("aligned", {**defaults, "retain": "1,0.125"}, ["retain"])
-    assert opts["align_retain"] == "0.125"
-    opts, _ = apply_recipe("aligned", {**defaults, "retain": "1"}, ["retain"])
-    assert opts["align_retain"] == "1"
+    cfg, _ = calibration_config({**defaults, "retain": "none"}, {"retain"}, "aligned")
+    assert cfg.align.ratios == (1.0,)
+    cfg, _ = calibration_config({**defaults, "retain": "1,0.125", "align_retain": "0.125"}, {"align_retain"}, "aligned")
+    assert cfg.align.ratios == (0.125,)
+    cfg, _ = calibration_config({**defaults, "retain": "1,0.125"}, {"retain"}, "aligned")
+    assert cfg.align.ratios == (0.125,)
+    cfg, _ = calibration_config({**defaults, "retain": "1"}, {"retain"}, "aligned")
+    assert cfg.align.ratios == (1.0,)
     with pytest.raises(QavtpError, match="retention ratio 'half' is not a number"):
-        apply_recipe("aligned", {**defaults, "retain": "0.5,half"}, ["retain"])
-    assert apply_recipe("quarot", defaults, []) == (defaults, [])
-    assert apply_recipe(None, defaults, []) == (defaults, [])
+        calibration_config({**defaults, "retain": "0.5,half"}, {"retain"}, "aligned")
+    plain, flags = calibration_config(defaults, set(), None)
+    assert flags == [] and plain.recipe is None
+    cfg, flags = calibration_config(defaults, set(), "quarot")
+    assert flags == [] and cfg == replace(plain, recipe="quarot")
 
 
 def test_cli_recipe_is_applied_recorded_and_overridden(tiny_llava_dir, tmp_path):

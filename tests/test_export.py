@@ -24,6 +24,7 @@ from qavtp.calibrate.artifact import load_artifact
 from qavtp.calibrate.calibration import run_calibration
 from qavtp.calibrate.quantizers import QuantEmbedding, QuantSpec, fake_quant_activation
 from qavtp.cli import main
+from qavtp.config import ExportConfig
 from qavtp.errors import QavtpError
 from qavtp.export.export_model import export_model
 from qavtp.export.external_data import to_model
@@ -43,6 +44,7 @@ from qavtp.models.loading import load_model
 from qavtp.prompting import encode
 from qavtp.pruning import prune_sequence, select_tokens
 from qavtp.scoring import FusionParams, score_tokens
+from tests.helpers import calibration
 
 # Parity bounds (max |onnx - torch| / max |torch| of the logits). Measured on this model: ~2e-7 for fp32, qdq
 # and ort; an activation rounding flip caused by a last-bit difference in a matmul could move a W4A4 logit
@@ -67,7 +69,7 @@ def _with_fusion(artifact, out, params: FusionParams):
 @pytest.fixture(scope="module")
 def artifact(tiny_llava_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "w4a4"
-    return run_calibration(tiny_llava_dir, out, method="quarot", n_samples=8, batch_size=4, progress=False)
+    return run_calibration(tiny_llava_dir, out, calibration(method="quarot", n_samples=8, batch_size=4), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,9 @@ def vocab_artifact(tiny_llava_dir, tmp_path_factory):
     8-bit inputs at layer 0's gate/up and every linear of layer 1)."""
     out = tmp_path_factory.mktemp("artv") / "w4a4v"
     options = {"vocab_bits": 4, "kv_bits": 4, "agroup": 16, "a8": "gate_proj,up_proj,1"}
-    return run_calibration(tiny_llava_dir, out, method="quarot", n_samples=8, batch_size=4, progress=False, **options)
+    return run_calibration(
+        tiny_llava_dir, out, calibration(method="quarot", n_samples=8, batch_size=4, **options), progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,7 @@ def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artif
         "vocab-ort": (vocab_artifact, 0.25, "qapruner", "ort"),
         "deep": (deep_artifact, 0.25, "qavtp", "qdq"),
     }
-    return {k: export_model(str(s), root / k, r, sc, f) for k, (s, r, sc, f) in specs.items()}
+    return {k: export_model(str(s), root / k, ExportConfig(r, sc, f)) for k, (s, r, sc, f) in specs.items()}
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -524,7 +528,7 @@ def test_reference_artifact_export(name, fmt, tmp_path, easyvqa_test):
     if not art.is_dir():
         pytest.skip(f"no reference artifact at {art}")
     model, processor, adapter, _ = load_artifact(art)
-    d = export_model(str(art), tmp_path / "x", 0.125, "qapruner", fmt)
+    d = export_model(str(art), tmp_path / "x", ExportConfig(0.125, "qapruner", fmt))
     r = easyvqa_test[:2]
     enc = encode(processor, r["image"], [r["prompt"][0], r["prompt"][1] + " Think."])
     ref, _, keep, scores = _torch_prefill(model, adapter, enc, "qapruner", 0.125, None)
@@ -592,7 +596,7 @@ def test_learned_group_scales_are_exported(fmt, vocab_artifact, tmp_path):
     before = {k: v for k, v in load_artifact(vocab_artifact)[0].state_dict().items() if k.endswith(".scale")}
     after = load_artifact(scaled)[0].state_dict()
     assert {k.split(".")[-2] for k in before if not torch.equal(before[k], after[k])} >= {"embed_tokens", "lm_head"}
-    out = export_model(str(scaled), tmp_path / "onnx", 0.25, "qapruner", fmt)
+    out = export_model(str(scaled), tmp_path / "onnx", ExportConfig(0.25, "qapruner", fmt))
     res = CliRunner().invoke(main, ["eval-onnx", str(out), "--limit", "8", "--compare", "-o", str(tmp_path / "cmp")])
     assert res.exit_code == 0, res.output
     res = json.loads((tmp_path / "cmp" / "results.json").read_text())

@@ -12,21 +12,22 @@ from qavtp.calibrate.fusion import (
     fusion_for,
     holdout_test,
     learn_fusion,
-    parse_ratios,
     ratio_key,
 )
+from qavtp.config import parse_ratios
 from qavtp.data import load_data
 from qavtp.errors import QavtpError
 from qavtp.models.loading import load_model
 from qavtp.prompting import encode
 from qavtp.scoring import FusionParams, fused_scores, gather_visual, qapruner_params, score_tokens, semantic_scores
+from tests.helpers import calibration
 
 
 @pytest.fixture(scope="module")
 def artifact(tiny_llava_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fusion") / "art"
     return run_calibration(
-        tiny_llava_dir, out, n_samples=8, batch_size=4, retain="0.5,0.25", fusion_samples=6, progress=False
+        tiny_llava_dir, out, calibration(n_samples=8, batch_size=4, retain="0.5,0.25", fusion_samples=6), progress=False
     )
 
 
@@ -189,7 +190,7 @@ def test_cli_pruning_bad_input(artifact, tiny_llava_dir, tmp_path):
     from qavtp.cli import main
 
     bare = tmp_path / "bare"
-    run_calibration(tiny_llava_dir, bare, n_samples=4, batch_size=4, progress=False)
+    run_calibration(tiny_llava_dir, bare, calibration(n_samples=4, batch_size=4), progress=False)
     run = CliRunner().invoke
     cases = [
         (["--artifact", str(bare), "--retain", "0.5", "--scorer", "qavtp"], "calibrated without fusion weights"),

@@ -8,6 +8,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from qavtp.calibrate.quantizers import QuantSpec
+from qavtp.config import QuantConfig
 from qavtp.errors import QavtpError
 from qavtp.models.loading import load_model
 from qavtp.pruning import (
@@ -121,10 +122,12 @@ def test_text_attention_matches_eager(tiny, tiny_llava_dir, enc, K):
 def test_text_attention_reads_quantized_weights_without_the_activation_quantizer(tiny_llava_dir, enc):
     """The relevance score must not hinge on a 4-bit activation rounding (which may flip in another runtime)."""
     from qavtp.calibrate.quantize import calibrate_model
-    from qavtp.calibrate.quantizers import QuantLinear, QuantSpec
+    from qavtp.calibrate.quantizers import QuantLinear
 
     model, processor, adapter = load_model(tiny_llava_dir)
-    calibrate_model(adapter, [enc], "rtn", QuantSpec(4, True, 16), QuantSpec(2, False, 16), progress=False)
+    calibrate_model(
+        adapter, [enc], QuantConfig("rtn", wgroup=16, abits=2, a_symmetric=False, agroup=16), progress=False
+    )
     hidden = hidden_states_at(adapter, enc, 0)
     vis = adapter.visual_positions(enc["input_ids"])
     scores = text_attention(adapter, hidden, 0, enc["attention_mask"], enc["position_ids"], vis)

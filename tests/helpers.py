@@ -1,0 +1,13 @@
+"""Helpers the test modules share."""
+
+from __future__ import annotations
+
+from qavtp.cli import CALIBRATE_FIELDS
+from qavtp.config import CalibrationConfig, updated
+
+
+def calibration(**options) -> CalibrationConfig:
+    """The config ``qavtp calibrate`` builds from these options (named as its click parameters; ``wsym`` too),
+    without fusion weights unless ``retain`` names ratios (the tests' calibrations are quick)."""
+    fields = {**{k: f for k, (f, _) in CALIBRATE_FIELDS.items()}, "wsym": "quant.w_symmetric"}
+    return updated(CalibrationConfig(), {fields[k]: v for k, v in {"retain": "none", **options}.items()})
