@@ -18,8 +18,10 @@ from qavtp.config import (
     AlignConfig,
     CalibrationConfig,
     ConfigError,
+    EvalConfig,
     ExportConfig,
     FusionConfig,
+    parse_ratios,
     updated,
 )
 from qavtp.errors import QavtpError
@@ -81,6 +83,8 @@ NEGATED = {"wasym", "aasym"}
 ALIGN_FLAGS = {"steps": "--steps", "lr": "--lr", "batch_size": "--batch-size", "ratios": "--retain"}
 ALIGN_FLAGS |= {"vision_lr": "--vision-lr", "scale_lr": "--scale-lr", "positions": "--positions"}
 FUSE_FLAGS = {"ratios": "--retain", "samples": "--fusion-samples", "objective": "--fusion-objective"}
+EVAL_FLAGS = {"ratios": "--retain", "scorers": "--scorer", "layer": "--layer", "mode": "--mode", "dtype": "--dtype"}
+EVAL_FLAGS |= {"batch_size": "--batch-size", "seed": "--seed", "device": "--device"}
 EXPORT_FLAGS = {"retain": "--retain", "scorer": "--scorer", "format": "--format", "accuracy_level": "--accuracy-level"}
 
 
@@ -394,7 +398,7 @@ def align(
     with flags_named(ALIGN_FLAGS):
         config = AlignConfig(steps, lr, batch_size, retain, vision_lr, scale_lr, positions)
         out = align_artifact(artifact, output, config, device=device, overwrite=overwrite, cache_dir=cache_dir)
-    rec = read_config(out)["alignment"]
+    rec = read_config(out).alignment
     gains = rec.get("scale_gains")
     spread = f"; scale gains {gains['min']:.4f}-{gains['max']:.4f}" if gains else ""
     click.echo(
@@ -471,153 +475,50 @@ def eval_cmd(
     cache_dir,
 ):
     """Accuracy of MODEL (a local LLaVA directory or smollava-easyvqa) on a VQA data set."""
-    import torch
-
+    from qavtp.calibrate.artifact import read_config
     from qavtp.data import load_data, parse_columns
-    from qavtp.evaluate import evaluate, markdown_table
+    from qavtp.eval_job import evaluate_one, title
+    from qavtp.evaluate import markdown_table
     from qavtp.io import atomic_write_json, atomic_write_text
+    from qavtp.sweep import SweepSpec, check_fusion, parse_scorers, sweep, write_sweep
 
-    if batch_size < 1:
-        raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
-    from qavtp.config import parse_ratios
-    from qavtp.sweep import check_fusion, parse_scorers
-
-    ratios = parse_ratios(retain)
-    if retain is not None and not ratios:
+    if retain is not None and not parse_ratios(retain):
         raise QavtpError(f"--retain {retain!r} names no retention ratio")
-    scorers = parse_scorers(scorer)
     if with_fp and not artifact:
         raise QavtpError("--with-fp needs --artifact (the floating-point model is the artifact's source)")
-    if mode != "loglik" and (len(ratios) > 1 or len(scorers) > 1 or with_fp):
+    sweeping = len(parse_ratios(retain)) > 1 or "," in scorer or scorer == "ablation" or with_fp
+    if mode != "loglik" and sweeping:
         raise QavtpError("sweeps (several --retain or --scorer values, --with-fp) use --mode loglik")
-    cfg = None
-    if artifact:
-        from qavtp.calibrate.artifact import read_config
-
-        cfg = read_config(artifact)
-    check_fusion(cfg, scorers, ratios)  # fail before loading anything
-    from qavtp.device import describe, resolve_device, visiting
-
-    if device != "cpu" and (ratios or len(scorers) > 1 or with_fp or mode != "loglik"):
+    if device != "cpu" and (retain is not None or sweeping or mode != "loglik"):
         raise QavtpError(f"--device {device} runs dense --mode loglik only; pruning, sweeps and generation use the CPU")
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
-    ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
-    if len(ratios) > 1 or len(scorers) > 1 or with_fp:
-        _sweep(
-            model=model,
-            artifact=artifact,
-            cfg=cfg,
-            ds=ds,
-            ratios=ratios or [1.0],
-            scorers=scorers,
-            layer_k=layer_k,
-            fp_scorers=parse_scorers(fp_scorers) if with_fp else None,
-            dtype=dtype,
-            batch_size=batch_size,
-            seed=seed,
-            output=output,
-            cache_dir=cache_dir,
-            data_config=dict(data=data_spec, split=split, limit=limit, seed=seed, dtype=dtype),
+    with flags_named(EVAL_FLAGS):
+        fp = tuple(parse_scorers(fp_scorers)) if with_fp else ("semantic",)
+        e = EvalConfig(
+            retain, tuple(parse_scorers(scorer)), layer_k, mode, dtype, batch_size, seed, with_fp, fp, device
         )
+    check_fusion(read_config(artifact) if artifact else None, list(e.scorers), list(e.ratios))  # before any loading
+    ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
+    described = dict(data=data_spec, split=split, limit=limit, seed=seed, dtype=dtype)
+    if e.is_sweep:
+        spec = SweepSpec(
+            e.ratios or (1.0,), e.scorers, e.layer, e.fp_scorers if with_fp else None, dtype, batch_size, seed
+        )
+        runs, report = sweep(model, artifact, ds, spec, cache_dir)
+        text = f"### {artifact or model or DEFAULT_MODEL} on {data_spec} ({split}, n={len(ds)})\n\n{report}"
+        click.echo(text)
+        if output:
+            written = write_sweep(Path(output), runs, text, ds, spec, {**described, "artifact": artifact})
+            click.echo(f"wrote {output}/{', '.join(written)}")
         return
-    net, processor, adapter = _load(model, artifact, dtype, cache_dir)
-    model = f"artifact {artifact}" if artifact else (model or DEFAULT_MODEL)
-    rho = ratios[0] if ratios else None
-    prune = None
-    if rho is not None:
-        from qavtp.scoring import check_layer
-        from qavtp.sweep import pruning_for
-
-        check_layer(len(adapter.decoder_layers), layer_k)
-        prune = pruning_for(adapter, scorers[0], rho, cfg, seed, layer_k)
-    t0 = time.time()
-    with visiting(net, dev):
-        results = evaluate(net, processor, ds, batch_size=batch_size, mode=mode, prune=prune)
-    results["seconds"] = round(time.time() - t0, 1)
-    results["device"] = describe(dev)
-    results["config"] = dict(
-        model=str(model),
-        data=data_spec,
-        split=split,
-        limit=limit,
-        seed=seed,
-        mode=mode,
-        dtype=dtype,
-        retain=rho,
-        scorer=scorers[0] if rho is not None else None,
-        layer=layer_k if rho is not None else None,
-    )
-    pruning = f", retain {rho} by {scorers[0]} at K={layer_k}" if rho is not None else ""
-    title = f"{model} on {data_spec} ({split}, n={results['n']}, {mode}, {dtype}{pruning})"
-    table = markdown_table(results, title)
+    results = evaluate_one(model, artifact, ds, e, cache_dir)
+    results["config"] = {"model": results["config"]["model"], **described, **results["config"]}
+    table = markdown_table(results, title(results, data_spec, split))
     click.echo(table)
     if output:
         out = Path(output)
         atomic_write_json(out / "results.json", results)
         atomic_write_text(out / "results.md", table)
         click.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
-
-
-def _sweep(
-    *,
-    model: str | None,
-    artifact: str | None,
-    cfg: dict | None,
-    ds,
-    ratios: list[float],
-    scorers: list[str],
-    layer_k: int,
-    fp_scorers: list[str] | None,
-    dtype: str,
-    batch_size: int,
-    seed: int,
-    output: str | None,
-    cache_dir: str | None,
-    data_config: dict,
-) -> None:
-    """Every (ratio, scorer) on the model (and, with ``fp_scorers``, the FP source): tables on stdout, JSON +
-    Markdown + plots in ``output``."""
-    import gc
-
-    from qavtp.io import atomic_dir, atomic_write_json
-    from qavtp.sweep import fusion_table, paper_table, plot_accuracy, plot_kept_tokens, run_sweep
-
-    runs: list[dict] = []
-    label = _label(cfg)
-    if fp_scorers is not None:
-        net, processor, adapter = _load(cfg["source"]["model"] if model is None else model, None, dtype, cache_dir)
-        runs += run_sweep(net, adapter, processor, ds, ratios, fp_scorers, "FP", None, batch_size, seed, layer=layer_k)
-        del net, adapter
-        gc.collect()
-    net, processor, adapter = _load(model, artifact, dtype, cache_dir)
-    runs += run_sweep(net, adapter, processor, ds, ratios, scorers, label, cfg, batch_size, seed, layer=layer_k)
-    title = f"{artifact or model or DEFAULT_MODEL} on {data_config['data']} ({data_config['split']}, n={len(ds)})"
-    md = [f"### {title}", "", "Accuracy (%) ± half the 95 % Wilson interval; columns: visual tokens kept.", ""]
-    md.append(paper_table(runs, ratios))
-    if cfg and cfg.get("fusion"):
-        md += ["#### Learned fusion weights", "", fusion_table(cfg)]
-    text = "\n".join(md)
-    click.echo(text)
-    if output:
-        out = Path(output)
-        with atomic_dir(out) as tmp:
-            atomic_write_json(tmp / "results.json", {"config": {**data_config, "artifact": artifact}, "runs": runs})
-            (tmp / "results.md").write_text(text)
-            plot_accuracy(runs, tmp / "accuracy_vs_retention.png")
-            pruned = [r for r in ratios if r < 1]
-            if pruned:
-                shown = [s for s in ("semantic", "qapruner", "qavtp") if s in scorers] or scorers[:2]
-                plot_kept_tokens(ds, runs, label, shown, min(pruned), tmp / "kept_tokens.png")
-        click.echo(f"wrote {out}/results.json, results.md, accuracy_vs_retention.png, kept_tokens.png")
-
-
-def _label(cfg: dict | None) -> str:
-    if not cfg:
-        return "FP"
-    o = cfg["options"]
-    a = o["activations"]["bits"] if o.get("activations") else 16
-    return f"W{o['weights']['bits']}A{a}"
 
 
 @main.command("eval-onnx")
@@ -634,8 +535,10 @@ def _label(cfg: dict | None) -> str:
 def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, output, runtime, cache_dir):
     """Accuracy of an exported model (onnxruntime or OpenVINO), optionally next to the torch model it came from."""
     from qavtp.data import load_data
+    from qavtp.export.accuracy import compare as agreement
     from qavtp.export.accuracy import evaluate_export
     from qavtp.export.session import ExportedModel
+    from qavtp.export.torch_reference import evaluate_like_export
     from qavtp.io import atomic_write_json
     from qavtp.metrics import markdown_table
 
@@ -654,7 +557,8 @@ def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, ou
     res["runtime"] = runtime
     out = {"onnx": res}
     if compare:
-        out["torch"], out["agreement"] = _torch_like_export(em.meta, ds, batch_size, cache_dir, res)
+        out["torch"], kept = evaluate_like_export(em.meta, ds, batch_size, cache_dir)
+        out["agreement"] = agreement(res, out["torch"], kept)
         a = out["agreement"]
         kept = "–" if a["same_kept_tokens"] is None else f"{100 * a['same_kept_tokens']:.1f} %"
         click.echo(
@@ -674,29 +578,6 @@ def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, ou
         click.echo(f"wrote {Path(output) / 'results.json'}")
 
 
-def _torch_like_export(meta: dict, ds, batch_size: int, cache_dir, onnx_res: dict) -> tuple[dict, dict]:
-    """The torch (fake-quant) model an export came from, pruned as the export prunes, on the same questions."""
-    from qavtp.evaluate import Pruning, evaluate
-    from qavtp.export.accuracy import compare as agreement
-    from qavtp.scoring import FusionParams
-
-    src = meta["source"]
-    net, processor, adapter = _load(
-        None if src["kind"] == "artifact" else src["path"],
-        src["path"] if src["kind"] == "artifact" else None,
-        "fp32",
-        cache_dir,
-    )
-    pr = meta["pruning"]
-    prune = None
-    if pr["scorer"] and pr["retain"] < 1:
-        fusion = FusionParams.from_dict(pr["fusion"]) if pr["scorer"] == "qavtp" else None
-        prune = Pruning(adapter, pr["scorer"], pr["retain"], fusion=fusion)
-    kept: list = []
-    res = evaluate(net, processor, ds, batch_size=batch_size, prune=prune, desc="torch eval", keep_log=kept)
-    return res, agreement(onnx_res, res, kept)
-
-
 @main.command()
 @click.argument("model", default=None, required=False)
 @click.option("--artifact", type=click.Path(), default=None, help="A calibration artifact to evaluate.")
@@ -706,27 +587,16 @@ def _torch_like_export(meta: dict, ds, batch_size: int, cache_dir, onnx_res: dic
 @cache_option
 def ppl(model, artifact, seq_len, windows, output, cache_dir):
     """Perplexity of the LLM inside MODEL (or an artifact) on an offline text corpus."""
+    from qavtp.calibrate.artifact import load_model_or_artifact
     from qavtp.io import atomic_write_json
     from qavtp.perplexity import perplexity
 
-    net, processor, _ = _load(model, artifact, "fp32", cache_dir)
+    net, processor, _ = load_model_or_artifact(model, artifact, "fp32", cache_dir)
     res = perplexity(net, processor.tokenizer, seq_len=seq_len, max_chunks=windows or None)
     res["model"] = str(artifact or model or DEFAULT_MODEL)
     click.echo(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens of {res['corpus']}")
     if output:
         atomic_write_json(output, res)
-
-
-def _load(model, artifact, dtype, cache_dir):
-    """The model to evaluate: a calibration artifact, a local checkpoint, or the reference model."""
-    if artifact:
-        from qavtp.calibrate.artifact import load_artifact
-
-        net, processor, adapter, _ = load_artifact(artifact, model, dtype)
-        return net, processor, adapter
-    from qavtp.models.loading import load_model
-
-    return load_model(model or DEFAULT_MODEL, dtype, cache_dir)
 
 
 @main.command("export")

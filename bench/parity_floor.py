@@ -41,26 +41,21 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every run's predictions and kept tokens here")
     args = ap.parse_args()
 
-    from qavtp.calibrate.artifact import load_artifact
     from qavtp.data import load_data
-    from qavtp.evaluate import Pruning, evaluate
+    from qavtp.evaluate import evaluate
     from qavtp.export.accuracy import compare, evaluate_export
     from qavtp.export.session import ExportedModel
+    from qavtp.export.torch_reference import torch_like_export
     from qavtp.metrics import agreement_by_margin, margin_bin_label
-    from qavtp.scoring import FusionParams
 
     em = ExportedModel(args.export_dir)
     src, pr = em.meta["source"], em.meta["pruning"]
     if src["kind"] != "artifact":
         raise SystemExit(f"{args.export_dir} was exported from {src['kind']} {src['path']}, not a calibration artifact")
     ds = load_data("easy-vqa", "test", args.limit, 0)
-    net, processor, adapter, _ = load_artifact(src["path"], None, "fp32")
+    net, processor, prune = torch_like_export(em.meta)
 
     def torch_run(batch: int) -> dict:
-        prune = None
-        if pr["scorer"] and pr["retain"] < 1:
-            fusion = FusionParams.from_dict(pr["fusion"]) if pr["scorer"] == "qavtp" else None
-            prune = Pruning(adapter, pr["scorer"], pr["retain"], fusion=fusion)
         kept: list = []
         res = evaluate(net, processor, ds, batch_size=batch, prune=prune, desc=f"torch b{batch}", keep_log=kept)
         return {**res, "kept": kept}

@@ -44,8 +44,8 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qavtp.calibrate.artifact import activation_spec, load_artifact
-    from qavtp.calibrate.fusion import fusion_for
+    from qavtp.calibrate.artifact import load_artifact
+    from qavtp.calibrate.artifact_config import activation_spec, fusion_params
     from qavtp.data import load_data
     from qavtp.prompting import encode
     from qavtp.pruning import select_tokens
@@ -86,7 +86,7 @@ def main() -> None:
                 "cls": lambda rho, t=terms: t["cls"],
                 "qapruner": lambda rho, t=terms, X=X: fused_scores(t["text"], X, qapruner_params(X.shape[-1])),
                 "qavtp (learned)": lambda rho, t=terms, X=X: fused_scores(
-                    t[fusion_for(cfg, rho).semantic], X, fusion_for(cfg, rho)
+                    t[fusion_params(cfg, rho).semantic], X, fusion_params(cfg, rho)
                 ),
             }
             for name, fn in scorers.items():

@@ -19,27 +19,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qavtp.calibrate.artifact_config import ArtifactConfig, SchemaError
 from qavtp.calibrate.kvcache import install_kv_quant
-from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, QuantWeight, pack_int4, unpack_int4
+from qavtp.calibrate.quantizers import QuantLinear, QuantWeight, pack_int4, unpack_int4
 from qavtp.calibrate.rotation import install_online_transforms
 from qavtp.calibrate.vocab import install_quant_vocab
+from qavtp.data import load_data
 from qavtp.errors import QavtpError
 from qavtp.io import atomic_dir
+from qavtp.models.loading import load_model, resolve
+from qavtp.models.reference import NAME as DEFAULT_MODEL
 
-# 2 added options.vocab (quantized embedding and LM head) and options.kv_cache: a reader of version 1 would
-# silently run those artifacts with float vocabulary matrices and KV cache, so it must refuse them.
-# 3 added options.a8 and calibration.a8_linears (8-bit inputs at some linears), which an older reader would ignore.
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # older artifacts mean the same under this reader
 CONFIG = "config.json"
 WEIGHTS = "quantized.safetensors"
 _STORED_PREFIXES = ("model.language_model.", "lm_head.", "model.multi_modal_projector.")
 _TOWER_PREFIX = "model.vision_tower."
 
 
-def _prefixes(config: dict) -> tuple[str, ...]:
+def _prefixes(config: ArtifactConfig) -> tuple[str, ...]:
     # A reader that predates aligned towers loads these tensors all the same (they are the model's own names).
-    return _STORED_PREFIXES + ((_TOWER_PREFIX,) if config.get("options", {}).get("aligned_vision") else ())
+    return _STORED_PREFIXES + ((_TOWER_PREFIX,) if config.options.aligned_vision else ())
 
 
 def fingerprint(model_dir: str | os.PathLike) -> str:
@@ -74,7 +73,7 @@ def _stored_state(model: torch.nn.Module, prefixes: tuple[str, ...]) -> dict[str
 def save_artifact(
     out_dir: str | os.PathLike,
     model: torch.nn.Module,
-    config: dict,
+    config: ArtifactConfig,
     overwrite: bool = False,
     extras: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -87,72 +86,56 @@ def save_artifact(
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
     with atomic_dir(out) as tmp:
         save_file(_stored_state(model, _prefixes(config)), str(tmp / WEIGHTS))
-        full = {"schema_version": SCHEMA_VERSION, **config}
-        (tmp / CONFIG).write_text(json.dumps(full, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if extras is not None:
             extras(tmp)
     return out
 
 
-def read_config(artifact_dir: str | os.PathLike) -> dict:
+def read_config(artifact_dir: str | os.PathLike) -> ArtifactConfig:
+    """An artifact's typed ``config.json`` (older schema versions migrated), or one line saying what is wrong."""
     d = Path(artifact_dir)
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise QavtpError(f"{d} is not a qavtp artifact (needs {CONFIG} and {WEIGHTS})")
     try:
-        cfg = json.loads((d / CONFIG).read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads((d / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QavtpError(f"{d / CONFIG} is not valid JSON: {e}") from None
-    version = cfg.get("schema_version")
-    if version not in READABLE_VERSIONS:
-        raise QavtpError(
-            f"artifact {d} has schema version {version}; this qavtp reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
-        )
-    return cfg
+    try:
+        return ArtifactConfig.from_dict(raw)
+    except SchemaError as e:
+        raise QavtpError(f"artifact {d}: {e}") from None
 
 
-def calibration_questions(cfg: dict):
+def calibration_questions(cfg: ArtifactConfig):
     """The calibration questions an artifact was calibrated on (its data spec, size and seed)."""
-    from qavtp.data import load_data
-
-    data = cfg["data"]
-    return load_data(data["spec"], "train", limit=data["n_samples"], seed=data["seed"])
-
-
-def activation_spec(cfg: dict | None) -> QuantSpec | None:
-    """The deployed activation quantizer of an artifact config (None: unquantized activations or no artifact)."""
-    acts = (cfg or {}).get("options", {}).get("activations")
-    return QuantSpec.from_dict(acts) if acts else None
+    data = cfg.data
+    return load_data(data.spec, "train", limit=data.n_samples, seed=data.seed)
 
 
 def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None, dtype: str = "fp32"):
     """The calibrated model: the source checkpoint, rebuilt with the artifact's modules and weights."""
-    from qavtp.models.loading import load_model, resolve
-
     d = Path(artifact_dir)
     cfg = read_config(d)
-    src = cfg["source"]
-    path = resolve(model_dir or src["model"], src.get("cache_dir"))
+    src = cfg.source
+    path = resolve(model_dir or src.model, src.cache_dir)
     model, processor, adapter = load_model(path, dtype)
     got = fingerprint(path)
-    if got != src["fingerprint"]:
+    if got != src.fingerprint:
         raise QavtpError(
-            f"artifact {d} was calibrated from another model (fingerprint {src['fingerprint']}, {path} has {got})"
+            f"artifact {d} was calibrated from another model (fingerprint {src.fingerprint}, {path} has {got})"
         )
-    rotation = cfg["calibration"]["transforms"].get("rotation")
+    rotation = cfg.calibration.transforms.get("rotation")
     if rotation:
         install_online_transforms(adapter, rotation)
-    vocab = cfg["options"].get("vocab")
-    if vocab:
-        install_quant_vocab(adapter, QuantSpec.from_dict(vocab))
-    kv = cfg["options"].get("kv_cache")
-    if kv:
-        install_kv_quant(adapter, QuantSpec.from_dict(kv))
-    wspec = QuantSpec.from_dict(cfg["options"]["weights"])
-    aspec = activation_spec(cfg)
+    if cfg.options.vocab:
+        install_quant_vocab(adapter, cfg.options.vocab)
+    if cfg.options.kv_cache:
+        install_kv_quant(adapter, cfg.options.kv_cache)
+    wspec, aspec = cfg.options.weights, cfg.options.activations
     layers = adapter.decoder_layers
-    eight = set(cfg["calibration"].get("a8_linears", ()))
-    for name in cfg["calibration"]["quantized"]:
+    eight = set(cfg.calibration.a8_linears)
+    for name in cfg.calibration.quantized:
         rel = name[len("layers.") :]
         parent_name, _, attr = rel.rpartition(".")
         parent = layers.get_submodule(parent_name)
@@ -176,3 +159,12 @@ def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike 
         raise QavtpError(f"artifact {d} lacks {len(lacking)} tensors, e.g. {lacking[0]}")
     model.eval()
     return model, processor, adapter, cfg
+
+
+def load_model_or_artifact(model, artifact, dtype: str = "fp32", cache_dir=None):
+    """``(model, processor, adapter)``: a calibration artifact's fake-quantized model if ``artifact`` is given (on
+    ``model``'s checkpoint, if given, instead of its source), else the checkpoint ``model`` or the reference model."""
+    if artifact:
+        net, processor, adapter, _ = load_artifact(artifact, model, dtype)
+        return net, processor, adapter
+    return load_model(model or DEFAULT_MODEL, dtype, cache_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from qavtp.calibrate.align import align_projector, alignment_data, plot_alignment
 from qavtp.calibrate.artifact import fingerprint, save_artifact
+from qavtp.calibrate.artifact_config import ArtifactConfig, Calibration, CalibrationData, Fusion, Options, Source
 from qavtp.calibrate.fusion import fusion_targets, learn_fusion
 from qavtp.calibrate.kvcache import install_kv_quant
 from qavtp.calibrate.quantize import calibrate_model, calibration_batches, parse_a8, quant_specs
@@ -98,10 +100,7 @@ def run_calibration(
         **({"device_peak_mib": device_peak} if device_peak is not None else {}),
     }
     cfg = artifact_config(model, path, config, len(ds), (wspec, aspec, vspec, kv), calibration)
-    if alignment is not None:
-        cfg["alignment"] = alignment
-    if learned is not None:
-        cfg["fusion"] = learned
+    cfg = replace(cfg, alignment=alignment, fusion=Fusion(learned) if learned is not None else None)
     plot = (lambda d: plot_alignment(alignment, d / "alignment.png")) if alignment is not None else None
     return save_artifact(output, net, cfg, overwrite=overwrite, extras=plot)
 
@@ -117,32 +116,35 @@ def _align(adapter, processor, path: Path, config: CalibrationConfig, progress: 
         del teacher
 
 
-def artifact_config(model, path: Path, config: CalibrationConfig, n_samples: int, specs, calibration: dict) -> dict:
-    """The artifact's ``config.json`` (schema 2): where it came from, with what options, what was done."""
+def artifact_config(
+    model, path: Path, config: CalibrationConfig, n_samples: int, specs, calibration: dict
+) -> ArtifactConfig:
+    """The artifact's config: where it came from, with what options, what was done."""
     wspec, aspec, vspec, kv = specs
     quant = config.quant
-    return {
-        "qavtp_version": version("qavtp"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"model": str(model), "path": str(path), "fingerprint": fingerprint(path)},
-        "data": {"spec": config.data, "split": "train", "n_samples": n_samples, "seed": config.seed},
-        "options": {
-            "method": quant.method,
-            "weights": wspec.to_dict(),
-            "activations": aspec.to_dict() if aspec else None,
-            "gptq": quant.gptq,
-            "sequential": quant.sequential,
-            "fp_align": quant.fp_align,
-            "clip_search": quant.clip_search,
-            "smooth_alpha": quant.smooth_alpha if quant.method == "smoothquant" else None,
-            "online_o_proj": quant.online_o_proj if quant.method == "quarot" else None,
-            "vocab": vspec.to_dict() if vspec else None,
-            "kv_cache": kv.to_dict() if kv else None,
-            "a8": quant.a8 or None,
-            "align_steps": config.align.steps,
-            "recipe": config.recipe,
-            "aligned_vision": config.align.enabled and config.align.vision_lr > 0,
-            "seed": config.seed,
-        },
-        "calibration": calibration,
-    }
+    options = Options(
+        method=quant.method,
+        weights=wspec,
+        activations=aspec,
+        seed=config.seed,
+        gptq=quant.gptq,
+        sequential=quant.sequential,
+        fp_align=quant.fp_align,
+        clip_search=quant.clip_search,
+        smooth_alpha=quant.smooth_alpha if quant.method == "smoothquant" else None,
+        online_o_proj=quant.online_o_proj if quant.method == "quarot" else None,
+        vocab=vspec,
+        kv_cache=kv,
+        a8=quant.a8 or None,
+        align_steps=config.align.steps,
+        recipe=config.recipe,
+        aligned_vision=config.align.enabled and config.align.vision_lr > 0,
+    )
+    return ArtifactConfig(
+        source=Source(str(model), str(path), fingerprint(path)),
+        data=CalibrationData(config.data, n_samples, config.seed),
+        options=options,
+        calibration=Calibration(calibration),
+        qavtp_version=version("qavtp"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

@@ -23,10 +23,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from qavtp.calibrate.artifact_config import ratio_key
 from qavtp.calibrate.quantizers import QuantSpec
 from qavtp.errors import QavtpError
 from qavtp.prompting import choice_ids, encode
-from qavtp.pruning import check_ratio, prune_sequence, select_tokens
+from qavtp.pruning import prune_sequence, select_tokens
 from qavtp.scoring import (
     FusionParams,
     available_semantics,
@@ -36,25 +37,6 @@ from qavtp.scoring import (
     qapruner_params,
     semantic_scores,
 )
-
-
-def ratio_key(rho: float) -> str:
-    """The JSON key of a retention ratio: ``0.125`` -> ``"0.125"``, ``1`` -> ``"1"``."""
-    return f"{check_ratio(rho):g}"
-
-
-def fusion_for(cfg: dict, rho: float) -> FusionParams:
-    """The learned fusion parameters of ratio ``rho`` from an artifact config, or one clear error."""
-    fus = cfg.get("fusion")
-    if not fus or not fus.get("ratios"):
-        raise QavtpError("this artifact was calibrated without fusion weights; rerun qavtp calibrate with --retain")
-    key = ratio_key(rho)
-    if key == "1":
-        return FusionParams()  # every token is kept: the scores do not matter
-    if key not in fus["ratios"]:
-        raise QavtpError(f"the artifact has fusion weights for retention {', '.join(fus['ratios'])}, not {key}")
-    return FusionParams.from_dict(fus["ratios"][key]["params"])
-
 
 # ------------------------------------------------------------------------------------------ learning
 

@@ -7,17 +7,18 @@ the library's alignment or fusion search, and write the result atomically (``qav
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from pathlib import Path
 
 from qavtp.calibrate.align import align_projector, alignment_data, plot_alignment
 from qavtp.calibrate.artifact import (
     CONFIG,
-    activation_spec,
     calibration_questions,
     load_artifact,
     read_config,
     save_artifact,
 )
+from qavtp.calibrate.artifact_config import ArtifactConfig, Fusion, activation_spec
 from qavtp.calibrate.fusion import fusion_targets, learn_fusion
 from qavtp.config import AlignConfig, ConfigError, FusionConfig
 from qavtp.device import describe, resolve_device, visiting
@@ -52,42 +53,38 @@ def align_artifact(
     src, out = Path(artifact_dir), Path(output)
     if out.exists() and not overwrite:
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
-    path = resolve(read_config(src)["source"]["model"], cache_dir)  # read_config checks the schema version
+    path = resolve(read_config(src).source.model, cache_dir)  # read_config checks the schema
     model, processor, adapter, cfg = load_artifact(src, path)  # and this the source model's fingerprint
     teacher, _, _ = load_model(path)
-    before = cfg.get("alignment")
+    before = cfg.alignment
     done = before["train_questions"] if before else 0
-    seed = cfg["options"]["seed"]
-    train, held = alignment_data(cfg["data"]["spec"], config.steps, config.batch_size, seed=seed, skip=done)
+    seed = cfg.options.seed
+    train, held = alignment_data(cfg.data.spec, config.steps, config.batch_size, seed=seed, skip=done)
     with visiting(model, dev), visiting(teacher, dev):
         record = align_projector(adapter, teacher, processor, train, held, config, progress=progress, device=dev)
     record["device"] = describe(dev)
     if before:
         record["continued_from"] = {k: before[k] for k in ("steps", "best_step", "heldout_kl_after", "train_questions")}
-    fusion = cfg.get("fusion")
+    fusion = cfg.fusion.record if cfg.fusion else None
     if fusion:
         # The fusion weights were chosen for the old projector's tokens: learn them again, as they were learned.
-        holdout = bool(fusion.get("holdout_samples"))  # 0: learned without a hold-out
-        fds, target, hold = fusion_targets(teacher, processor, calibration_questions(cfg), fusion["n_samples"], holdout)
+        again = FusionConfig(
+            ratios=tuple(float(r) for r in fusion["ratios"]),
+            samples=fusion["n_samples"],
+            objective=fusion["objective"],
+            holdout=bool(fusion.get("holdout_samples")),  # 0: learned without a hold-out
+        )
+        fds, target, hold = fusion_targets(teacher, processor, calibration_questions(cfg), again.samples, again.holdout)
         del teacher
         gc.collect()
-        cfg["fusion"] = learn_fusion(
-            adapter,
-            processor,
-            fds,
-            [float(r) for r in fusion["ratios"]],
-            target,
-            activation_spec(cfg),
-            fusion["objective"],
-            progress=progress,
-            holdout=hold,
-        )
-    cfg["alignment"] = record
-    cfg["options"]["align_steps"] = cfg["options"].get("align_steps", 0) + config.steps
-    # Once a tower has been aligned, the artifact keeps carrying it, whatever later alignments train.
-    cfg["options"]["aligned_vision"] = bool(cfg["options"].get("aligned_vision")) or config.vision_lr > 0
-    cfg["aligned_from"] = str(src)
-    cfg.pop("schema_version")  # written anew: this qavtp's
+        cfg = replace(cfg, fusion=Fusion(_learn(adapter, processor, cfg, again, (fds, target, hold), progress)))
+    options = replace(
+        cfg.options,
+        align_steps=cfg.options.align_steps + config.steps,
+        # Once a tower has been aligned, the artifact keeps carrying it, whatever later alignments train.
+        aligned_vision=cfg.options.aligned_vision or config.vision_lr > 0,
+    )
+    cfg = replace(cfg, alignment=record, options=options, aligned_from=str(src))
     return save_artifact(out, model, cfg, overwrite, extras=lambda d: plot_alignment(record, d / "alignment.png"))
 
 
@@ -99,21 +96,20 @@ def refit_fusion(artifact_dir, config: FusionConfig, *, cache_dir=None, progress
     cfg = read_config(artifact_dir)
     if not config.enabled:
         raise ConfigError("ratios", "must name at least one retention ratio below 1 to learn fusion weights for")
-    fp, processor, _ = load_model(resolve(cfg["source"]["model"], cache_dir))
-    fds, target, held = fusion_targets(fp, processor, calibration_questions(cfg), config.samples, config.holdout)
+    fp, processor, _ = load_model(resolve(cfg.source.model, cache_dir))
+    targets = fusion_targets(fp, processor, calibration_questions(cfg), config.samples, config.holdout)
     del fp
     gc.collect()
     _, processor, adapter, cfg = load_artifact(artifact_dir)
-    cfg["fusion"] = learn_fusion(
-        adapter,
-        processor,
-        fds,
-        list(config.ratios),
-        target,
-        activation_spec(cfg),
-        config.objective,
-        progress=progress,
-        holdout=held,
+    learned = _learn(adapter, processor, cfg, config, targets, progress)
+    atomic_write_json(Path(artifact_dir) / CONFIG, replace(cfg, fusion=Fusion(learned)).to_dict())
+    return learned
+
+
+def _learn(adapter, processor, cfg: ArtifactConfig, config: FusionConfig, targets, progress: bool) -> dict:
+    fds, target, held = targets
+    aspec = activation_spec(cfg)
+    ratios = list(config.ratios)
+    return learn_fusion(
+        adapter, processor, fds, ratios, target, aspec, config.objective, progress=progress, holdout=held
     )
-    atomic_write_json(Path(artifact_dir) / CONFIG, cfg)
-    return cfg["fusion"]

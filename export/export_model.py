@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from qavtp.calibrate.artifact import read_config
-from qavtp.calibrate.fusion import fusion_for
+from qavtp.calibrate.artifact_config import ArtifactConfig, fusion_params
 from qavtp.config import ExportConfig
 from qavtp.errors import QavtpError
 from qavtp.export.external_data import WeightStore, to_model
@@ -87,7 +87,7 @@ def _load(source: str, cache_dir):
 
         model, processor, adapter, cfg = load_artifact(source)
         record = {"kind": "artifact", "path": str(Path(source).resolve()), "fingerprint": fingerprint(source)}
-        record["model_fingerprint"] = cfg["source"]["fingerprint"]
+        record["model_fingerprint"] = cfg.source.fingerprint
         return model, processor, adapter, cfg, record
     from qavtp.models.loading import load_model, resolve
 
@@ -96,23 +96,24 @@ def _load(source: str, cache_dir):
     return model, processor, adapter, None, {"kind": "model", "path": str(path), "fingerprint": fingerprint(path)}
 
 
-def _quantization(cfg: dict | None, fmt: str, accuracy_level: int) -> dict:
+def _quantization(cfg: ArtifactConfig | None, fmt: str, accuracy_level: int) -> dict:
     if cfg is None:
         return {"weights": None, "activations": None, "method": None, "weight_format": "fp32"}
-    opts = cfg["options"]
+    opts = cfg.options.to_dict()
+    transforms = cfg.calibration.transforms
     return {
         "weight_format": fmt,
         "accuracy_level": accuracy_level if fmt == "ort" else None,
         "method": opts["method"],
-        "gptq": opts.get("gptq"),
+        "gptq": opts["gptq"],
         "weights": opts["weights"],
         "activations": opts["activations"],
-        "vocab": opts.get("vocab"),  # token embedding + LM head weights; None: float32
-        "kv_cache": opts.get("kv_cache"),  # None: float keys and values
-        "rotation": cfg["calibration"]["transforms"].get("rotation"),
-        "smooth": cfg["calibration"]["transforms"].get("smooth"),
+        "vocab": opts["vocab"],  # token embedding + LM head weights; None: float32
+        "kv_cache": opts["kv_cache"],  # None: float keys and values
+        "rotation": transforms.get("rotation"),
+        "smooth": transforms.get("smooth"),
         # The projector in the graph is the one aligned to the quantized LLM (None: the checkpoint's own).
-        "projector_alignment": _alignment_summary(cfg.get("alignment")),
+        "projector_alignment": _alignment_summary(cfg.alignment),
     }
 
 
@@ -130,7 +131,7 @@ class Loaded:
     model: object
     processor: object
     adapter: object
-    cfg: dict | None
+    cfg: ArtifactConfig | None
     source: dict
 
 
@@ -158,7 +159,7 @@ def export_model(
             raise QavtpError(
                 "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
             )
-        fusion_for(read_config(source), config.retain)  # fail before loading anything
+        fusion_params(read_config(source), config.retain)  # fail before loading anything
     return write_export(load_source(source, cache_dir), out, config)
 
 
@@ -174,7 +175,7 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
             raise QavtpError(
                 "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
             )
-        params = fusion_for(cfg, rho)
+        params = fusion_params(cfg, rho)
     elif rho < 1 and scorer == "qapruner":
         params = qapruner_params(adapter.embed_tokens.weight.shape[1])
     used_scorer = scorer if rho < 1 else None

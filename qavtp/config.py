@@ -258,6 +258,44 @@ class ExportConfig:
             raise ConfigError("accuracy_level", f"must be 0 to 4, got {self.accuracy_level}")
 
 
+EVAL_MODES = ("loglik", "generate")
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One ``qavtp eval``: a single evaluation, or a sweep when several ratios or scorers (or ``with_fp``) are asked."""
+
+    ratios: tuple[float, ...] = ()  # () : dense
+    scorers: tuple[str, ...] = ("semantic",)
+    layer: int = 0  # K: prune before decoder layer K (0: before the LLM)
+    mode: str = "loglik"
+    dtype: str = "fp32"
+    batch_size: int = 16
+    seed: int = 0
+    with_fp: bool = False
+    fp_scorers: tuple[str, ...] = ("semantic",)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ratios", _ratios("ratios", self.ratios))
+        if not self.scorers:
+            raise ConfigError("scorers", "names no scorer")
+        _int("layer", self.layer, 0)
+        _choice("mode", self.mode, EVAL_MODES)
+        _choice("dtype", self.dtype, DTYPES)
+        _int("batch_size", self.batch_size, 1)
+        _int("seed", self.seed)
+        if self.mode != "loglik" and self.is_sweep:
+            raise ConfigError("mode", "must be loglik for sweeps (several ratios or scorers, or with_fp)")
+        if self.device != "cpu" and (self.ratios or self.is_sweep or self.mode != "loglik"):
+            raise ConfigError("device", f"{self.device} evaluates dense loglik only; pruning, sweeps, generation: cpu")
+
+    @property
+    def is_sweep(self) -> bool:
+        return len(self.ratios) > 1 or len(self.scorers) > 1 or self.with_fp
+
+
 def build(kind: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     """``kind(**values)`` with its :class:`ConfigError` naming the field under ``prefix`` (``align.steps``)."""
     try:

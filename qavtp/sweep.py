@@ -2,41 +2,42 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
+from qavtp.calibrate.artifact import load_model_or_artifact, read_config
+from qavtp.calibrate.artifact_config import ArtifactConfig, activation_spec, fusion_params, ratio_key
 from qavtp.errors import QavtpError
 from qavtp.evaluate import Pruning, evaluate
+from qavtp.io import atomic_dir, atomic_write_json
 from qavtp.prompting import encode
-from qavtp.scoring import check_scorer
+from qavtp.scoring import check_layer, check_scorer
 
 # Rows of the ablation table: every single metric, then the paper's recipe and the learned fusion.
 ABLATION = ("random", "linf", "l1", "l2", "variance", "outlier", "qerror", "hybrid", "cls", "semantic", "qapruner")
 N_EXAMPLES = 4  # questions whose kept tokens are drawn
 
 
-def check_fusion(cfg: dict | None, scorers: list[str], ratios: list[float]) -> None:
+def check_fusion(cfg: ArtifactConfig | None, scorers: list[str], ratios: list[float]) -> None:
     """Scorer ``qavtp`` needs the artifact's fusion weights for every pruned ratio: one clear line if not."""
-    from qavtp.calibrate.fusion import fusion_for
-
     if "qavtp" in scorers:
         for rho in [r for r in ratios if r < 1]:
-            fusion_for(cfg or {}, rho)
+            fusion_params(cfg, rho)
 
 
-def pruning_for(adapter, scorer: str, rho: float, cfg: dict | None, seed: int = 0, layer: int = 0) -> Pruning:
+def pruning_for(adapter, scorer: str, rho: float, cfg: ArtifactConfig | None, seed: int = 0, layer: int = 0) -> Pruning:
     """How ``qavtp eval`` prunes at ratio ``rho``: the artifact's fusion weights of that ratio (scorer ``qavtp``,
     and the sensitivity ablation's quantizer and direction) and its deployed activation quantizer."""
-    from qavtp.calibrate.artifact import activation_spec
-    from qavtp.calibrate.fusion import fusion_for, ratio_key
-
     fusion = None
-    learned = (cfg or {}).get("fusion", {}).get("ratios") or {}
+    learned = cfg.fusion.ratios if cfg is not None and cfg.fusion is not None else {}
     # qavtp needs its ratio's weights (fusion_for says so if they are missing); the sensitivity ablation uses them
     # where the artifact has them; every other scorer ignores them, so an artifact learned for 0.125 alone can
     # still be swept at 0.5 with semantic or [CLS] pruning.
     if rho < 1 and (scorer == "qavtp" or ratio_key(rho) in learned):
-        fusion = fusion_for(cfg or {}, rho)
+        fusion = fusion_params(cfg, rho)
     return Pruning(adapter, scorer, rho, fusion, activation_spec(cfg), seed, layer)
 
 
@@ -49,6 +50,82 @@ def parse_scorers(spec: str) -> list[str]:
     return [check_scorer(n) for n in names]
 
 
+@dataclass(frozen=True)
+class SweepSpec:
+    """What ``qavtp eval`` sweeps: every (ratio, scorer), optionally the floating-point source with ``fp_scorers``."""
+
+    ratios: tuple[float, ...]
+    scorers: tuple[str, ...]
+    layer: int = 0
+    fp_scorers: tuple[str, ...] | None = None
+    dtype: str = "fp32"
+    batch_size: int = 16
+    seed: int = 0
+
+
+def sweep(model: str | None, artifact: str | None, dataset, spec: SweepSpec, cache_dir=None) -> tuple[list[dict], str]:
+    """The sweep's runs and its Markdown report: the paper-shaped table and, for an artifact, its fusion weights."""
+    cfg = read_config(artifact) if artifact else None
+    runs: list[dict] = []
+    if spec.fp_scorers is not None:
+        source = cfg.source.model if model is None else model
+        net, processor, adapter = load_model_or_artifact(source, None, spec.dtype, cache_dir)
+        runs += run_sweep(
+            net,
+            adapter,
+            processor,
+            dataset,
+            list(spec.ratios),
+            list(spec.fp_scorers),
+            "FP",
+            None,
+            spec.batch_size,
+            spec.seed,
+            layer=spec.layer,
+        )
+        del net, adapter
+        gc.collect()
+    net, processor, adapter = load_model_or_artifact(model, artifact, spec.dtype, cache_dir)
+    label = cfg.label if cfg else "FP"
+    runs += run_sweep(
+        net,
+        adapter,
+        processor,
+        dataset,
+        list(spec.ratios),
+        list(spec.scorers),
+        label,
+        cfg,
+        spec.batch_size,
+        spec.seed,
+        layer=spec.layer,
+    )
+    md = [
+        "Accuracy (%) ± half the 95 % Wilson interval; columns: visual tokens kept.",
+        "",
+        paper_table(runs, list(spec.ratios)),
+    ]
+    if cfg and cfg.fusion:
+        md += ["#### Learned fusion weights", "", fusion_table(cfg)]
+    return runs, "\n".join(md)
+
+
+def write_sweep(out: Path, runs: list[dict], report: str, dataset, spec: SweepSpec, config: dict) -> list[str]:
+    """``results.json``, ``results.md`` and the plots, written together into ``out`` (all or nothing)."""
+    written = ["results.json", "results.md", "accuracy_vs_retention.png"]
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "results.json", {"config": config, "runs": runs})
+        (tmp / "results.md").write_text(report)
+        plot_accuracy(runs, tmp / "accuracy_vs_retention.png")
+        pruned = [r for r in spec.ratios if r < 1]
+        if pruned:
+            label = next(r["model"] for r in reversed(runs))
+            shown = [s for s in ("semantic", "qapruner", "qavtp") if s in spec.scorers] or list(spec.scorers[:2])
+            plot_kept_tokens(dataset, runs, label, shown, min(pruned), tmp / "kept_tokens.png")
+            written.append("kept_tokens.png")
+    return written
+
+
 def run_sweep(
     model,
     adapter,
@@ -57,7 +134,7 @@ def run_sweep(
     ratios: list[float],
     scorers: list[str],
     label: str,
-    cfg: dict | None = None,
+    cfg: ArtifactConfig | None = None,
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
@@ -68,8 +145,6 @@ def run_sweep(
     ``cfg`` is the artifact config: the learned fusion weights of each ratio (scorer ``qavtp``; the
     sensitivity terms of the ablation use its quantizer and direction) and the deployed activation quantizer.
     """
-    from qavtp.scoring import check_layer
-
     check_layer(len(adapter.decoder_layers), layer)
     check_fusion(cfg, scorers, ratios)
     probe = dataset[0]
@@ -147,9 +222,9 @@ def paper_table(runs: list[dict], ratios: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fusion_table(cfg: dict) -> str:
+def fusion_table(cfg: ArtifactConfig) -> str:
     """The learned fusion weights per ratio, with their calibration scores and the paper preset's."""
-    fus = cfg.get("fusion") or {}
+    fus = cfg.fusion.record if cfg.fusion is not None else {}
     if not fus.get("ratios"):
         return ""
     lines = [

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from qavtp.calibrate.artifact import fingerprint, load_artifact, read_config
+from qavtp.calibrate.artifact import fingerprint, load_artifact
 from qavtp.calibrate.calibration import run_calibration
 from qavtp.calibrate.kvcache import KV_ATTENTION
 from qavtp.calibrate.quantize import calibrate_model, calibration_batches, sequential_groups
@@ -24,7 +24,7 @@ from qavtp.data import load_data
 from qavtp.errors import QavtpError
 from qavtp.models.loading import load_model
 from qavtp.prompting import encode
-from tests.helpers import calibration
+from tests.helpers import calibration, config_json
 
 # A LLaMA decoder layer's linears, in data-flow order.
 LINEARS = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
@@ -190,7 +190,7 @@ def test_artifact_round_trip_is_exact(tiny_llava_dir, calib, probe, tmp_path):
         calibration(n_samples=8, batch_size=4, method="quarot", wgroup=16, gptq=True),
         progress=False,
     )
-    cfg = read_config(out)
+    cfg = config_json(out)
     assert cfg["schema_version"] == 3 and cfg["source"]["fingerprint"] == fingerprint(tiny_llava_dir)
     assert cfg["options"]["weights"]["bits"] == 4 and cfg["options"]["gptq"] is True
     assert len(cfg["calibration"]["quantized"]) == 14
@@ -214,7 +214,7 @@ def test_quantized_vocabulary_round_trip(tiny_llava_dir, probe, tmp_path, bits, 
         calibration(n_samples=8, batch_size=4, vocab_bits=bits, wsym=wsym),
         progress=False,
     )
-    cfg = read_config(out)
+    cfg = config_json(out)
     assert cfg["options"]["vocab"] == {**cfg["options"]["weights"], "bits": bits}
     keys = safe_open(str(out / "quantized.safetensors"), "pt").keys()
     assert not [k for k in keys if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
@@ -240,7 +240,7 @@ def test_kv_cache_quantization_round_trip(tiny_llava_dir, probe, tmp_path):
     out = run_calibration(
         tiny_llava_dir, tmp_path / "art", calibration(n_samples=8, batch_size=4, **options), progress=False
     )
-    assert read_config(out)["options"]["kv_cache"] == {
+    assert config_json(out)["options"]["kv_cache"] == {
         "bits": 4,
         "symmetric": False,
         "group_size": 0,
@@ -269,7 +269,7 @@ def test_vision_statistics_are_recorded_on_request(tiny_llava_dir, tmp_path):
         calibration(n_samples=4, batch_size=4, vision_stats=True, retain="none"),
         progress=False,
     )
-    vision = read_config(out)["calibration"]["vision_stats"]
+    vision = config_json(out)["calibration"]["vision_stats"]
     model, _, _ = load_model(tiny_llava_dir)
     tower = model.model.vision_tower.config
     patches = (tower.image_size // tower.patch_size) ** 2
@@ -291,7 +291,7 @@ def test_mixed_precision_a8_round_trip(tiny_llava_dir, probe, tmp_path):
         calibration(n_samples=8, batch_size=4, agroup=16, a8="up_proj,down_proj,1"),
         progress=False,
     )
-    cfg = read_config(out)
+    cfg = config_json(out)
     assert cfg["schema_version"] == 3 and cfg["options"]["a8"] == "up_proj,down_proj,1"
     want = {"layers.0.mlp.up_proj", "layers.0.mlp.down_proj.linear"} | {
         n for n in cfg["calibration"]["quantized"] if n.startswith("layers.1.")
@@ -383,7 +383,7 @@ def test_auto_group_size_divides_every_width(tiny_llava_dir, tmp_path):
     out = run_calibration(
         tiny_llava_dir, tmp_path / "art", calibration(n_samples=4, batch_size=4, method="rtn"), progress=False
     )
-    assert read_config(out)["options"]["weights"]["group_size"] == 64  # widths 64 and 128: 128 does not fit
+    assert config_json(out)["options"]["weights"]["group_size"] == 64  # widths 64 and 128: 128 does not fit
     with pytest.raises(QavtpError, match="wgroup must be an integer or 'auto'"):
         run_calibration(tiny_llava_dir, tmp_path / "b", calibration(wgroup="big"), progress=False)
     r = CliRunner().invoke(main, ["calibrate", str(tiny_llava_dir), "--wgroup", "big", "-o", str(tmp_path / "c")])
@@ -399,7 +399,7 @@ def test_projector_alignment_moves_only_the_projector_and_never_worsens_heldout_
         calibration(align_steps=4, align_lr=3e-3, align_batch=4, **common),
         progress=False,
     )
-    cfg = read_config(aligned)
+    cfg = config_json(aligned)
     rec = cfg["alignment"]
     assert cfg["fusion"]["holdout_samples"] == 3  # the fusion weights are learned after, on the aligned model
     assert (aligned / "alignment.png").stat().st_size > 0 and not (tmp_path / "plain" / "alignment.png").exists()
@@ -469,7 +469,7 @@ def test_align_command_aligns_an_existing_artifact_and_relearns_fusion(tiny_llav
                      "--batch-size", "4", "--retain", "1,0.5"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "held-out KL" in res.output and f"wrote {tmp_path / 'a1'}" in res.output
-    before, cfg = read_config(plain), read_config(tmp_path / "a1")
+    before, cfg = config_json(plain), config_json(tmp_path / "a1")
     rec = cfg["alignment"]
     assert rec["steps"] == 4 and rec["ratios"] == [1.0, 0.5] and "continued_from" not in rec
     assert cfg["options"]["align_steps"] == 4 and cfg["aligned_from"] == str(plain)
@@ -484,7 +484,7 @@ def test_align_command_aligns_an_existing_artifact_and_relearns_fusion(tiny_llav
     assert bool(changed) == (rec["best_step"] > 0)
     res = run(main, ["align", str(tmp_path / "a1"), "-o", str(tmp_path / "a2"), "--steps", "2", "--batch-size", "4"])
     assert res.exit_code == 0, res.output
-    cfg2 = read_config(tmp_path / "a2")
+    cfg2 = config_json(tmp_path / "a2")
     assert cfg2["alignment"]["continued_from"]["steps"] == 4 and cfg2["options"]["align_steps"] == 6
     kept = next(c for c in rec["curve"] if c["step"] == rec["best_step"])["by_ratio"]["1.0"]
     assert cfg2["alignment"]["curve"][0]["by_ratio"] == {"1.0": kept}  # the same held-out questions
@@ -502,9 +502,9 @@ def test_align_vision_tower_is_stored_and_carried(tiny_llava_dir, tmp_path):
     res = run(main, ["align", str(plain), "-o", str(tmp_path / "t"), "--steps", "3", "--lr", "3e-2",
                      "--vision-lr", "3e-2", "--batch-size", "4"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    cfg = read_config(tmp_path / "t")
+    cfg = config_json(tmp_path / "t")
     assert cfg["alignment"]["target"] == "multi_modal_projector+vision_tower" and cfg["alignment"]["vision_lr"] == 3e-2
-    assert cfg["options"]["aligned_vision"] is True and not read_config(plain)["options"]["aligned_vision"]
+    assert cfg["options"]["aligned_vision"] is True and not config_json(plain)["options"]["aligned_vision"]
     sa, sb = load_artifact(plain)[0].state_dict(), load_artifact(tmp_path / "t")[0].state_dict()
     changed = {k.split(".")[1] for k in sa if not torch.equal(sa[k], sb[k])}
     assert changed == ({"multi_modal_projector", "vision_tower"} if cfg["alignment"]["best_step"] else set())
@@ -516,7 +516,7 @@ def test_align_vision_tower_is_stored_and_carried(tiny_llava_dir, tmp_path):
     assert tower_keys(tmp_path / "t") and not tower_keys(plain)
     res = run(main, ["align", str(tmp_path / "t"), "-o", str(tmp_path / "p"), "--steps", "1", "--batch-size", "4"])
     assert res.exit_code == 0, res.output
-    assert read_config(tmp_path / "p")["options"]["aligned_vision"] is True
+    assert config_json(tmp_path / "p")["options"]["aligned_vision"] is True
     assert tower_keys(tmp_path / "p") == tower_keys(tmp_path / "t")
     sp = load_artifact(tmp_path / "p")[0].state_dict()
     assert all(torch.equal(sp[k], sb[k]) for k in sb if k.startswith("model.vision_tower."))
@@ -572,7 +572,7 @@ def test_align_scales_changes_only_scales_and_loads_back(tiny_llava_dir, tmp_pat
     res = CliRunner().invoke(main, ["align", str(plain), "-o", str(tmp_path / "s"), "--steps", "3", "--lr", "1e-2",
                                     "--scale-lr", "1e-2", "--batch-size", "4", "--device", device])  # fmt: skip
     assert res.exit_code == 0, res.output
-    rec = read_config(tmp_path / "s")["alignment"]
+    rec = config_json(tmp_path / "s")["alignment"]
     assert rec["device"].split(" ")[0] == device
     assert rec["target"] == "multi_modal_projector+weight_scales" and rec["scale_lr"] == 1e-2
     assert rec["best_step"] == 3 and rec["scale_gains"]["mean_abs_change"] > 1e-3
@@ -693,7 +693,7 @@ def test_cli_recipe_is_applied_recorded_and_overridden(tiny_llava_dir, tmp_path)
     )
     assert r.exit_code == 0, r.output
     assert "recipe accurate: --gptq --aasym --sequential --fp-align 0.25" in r.output
-    opts = read_config(art)["options"]
+    opts = config_json(art)["options"]
     assert opts["recipe"] == "accurate" and opts["gptq"] and opts["sequential"] and opts["fp_align"] == 0.25
     assert opts["activations"]["group_size"] == 32 and opts["activations"]["symmetric"] is False
     r = CliRunner().invoke(main, ["calibrate", str(tiny_llava_dir), "--recipe", "best", "-o", str(tmp_path / "b")])

@@ -591,7 +591,6 @@ def test_learned_group_scales_are_exported(fmt, vocab_artifact, tmp_path):
         for g in gains.gains:
             g.uniform_(0.8, 1.25)
     gains.fold()
-    cfg.pop("schema_version")
     scaled = save_artifact(tmp_path / "scaled", model, cfg)
     before = {k: v for k, v in load_artifact(vocab_artifact)[0].state_dict().items() if k.endswith(".scale")}
     after = load_artifact(scaled)[0].state_dict()

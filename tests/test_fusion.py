@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from qavtp.calibrate.artifact import load_artifact, read_config
+from qavtp.calibrate.artifact_config import ArtifactConfig, fusion_params, ratio_key
 from qavtp.calibrate.calibration import run_calibration
-from qavtp.calibrate.fusion import (
-    candidate_grid,
-    fusion_for,
-    holdout_test,
-    learn_fusion,
-    ratio_key,
-)
+from qavtp.calibrate.fusion import candidate_grid, holdout_test, learn_fusion
 from qavtp.config import parse_ratios
 from qavtp.data import load_data
 from qavtp.errors import QavtpError
 from qavtp.models.loading import load_model
 from qavtp.prompting import encode
 from qavtp.scoring import FusionParams, fused_scores, gather_visual, qapruner_params, score_tokens, semantic_scores
-from tests.helpers import calibration
+from tests.helpers import calibration, config_json
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +67,7 @@ def test_candidate_grid_stages_cover_the_open_choices():
 
 def test_calibrate_learns_and_stores_fusion(artifact, tiny_llava_dir):
     cfg = read_config(artifact)
-    fus = cfg["fusion"]
+    fus = config_json(artifact)["fusion"]
     assert set(fus["ratios"]) == {"0.5", "0.25"} and fus["objective"] == "kl" and fus["n_samples"] == 6
     assert fus["holdout_samples"] == 2  # calibration questions 7 and 8: the search saw only the first 6
     preset = qapruner_params(load_model(tiny_llava_dir)[2].embed_tokens.weight.shape[1])
@@ -87,7 +84,7 @@ def test_calibrate_learns_and_stores_fusion(artifact, tiny_llava_dir):
             assert check["n"] == 2 and check["adopted"] in ("learned", "qapruner")
             adopted = entry["searched"] if check["adopted"] == "learned" else preset.to_dict()
             assert entry["params"] == adopted
-        assert fusion_for(cfg, float(key)) == FusionParams.from_dict(entry["params"])
+        assert fusion_params(cfg, float(key)) == FusionParams.from_dict(entry["params"])
     # Memoised kept sets: far fewer forwards than candidates x questions x ratios.
     n_candidates = sum(len(e["curve"]) for e in fus["ratios"].values())
     assert fus["forwards"] < n_candidates * 6
@@ -123,10 +120,10 @@ def test_holdout_adopts_the_learned_weights_only_on_a_clear_paired_gain():
 def test_fusion_lookup_errors(artifact, tiny_llava_dir, tmp_path):
     cfg = read_config(artifact)
     with pytest.raises(QavtpError, match=r"fusion weights for retention 0.5, 0.25, not 0.125"):
-        fusion_for(cfg, 0.125)
-    assert fusion_for(cfg, 1.0) == FusionParams()
+        fusion_params(cfg, 0.125)
+    assert fusion_params(cfg, 1.0) == FusionParams()
     with pytest.raises(QavtpError, match="calibrated without fusion weights"):
-        fusion_for({k: v for k, v in cfg.items() if k != "fusion"}, 0.5)
+        fusion_params(replace(cfg, fusion=None), 0.5)
 
 
 def test_learned_scorer_reproduces_the_formula(artifact, easyvqa_test):
@@ -135,7 +132,7 @@ def test_learned_scorer_reproduces_the_formula(artifact, easyvqa_test):
     enc = encode(processor, rows["image"], rows["prompt"])
     visual = adapter.visual_positions(enc["input_ids"])
     embeds = adapter.embed(enc["input_ids"], enc["pixel_values"])
-    p = fusion_for(cfg, 0.25)
+    p = fusion_params(cfg, 0.25)
     got = score_tokens("qavtp", adapter, enc, embeds, visual, fusion=p)
     sem = semantic_scores(adapter, enc, embeds, visual, p.semantic)
     torch.testing.assert_close(got, fused_scores(sem, gather_visual(embeds, visual), p))
@@ -217,7 +214,7 @@ def test_refit_with_the_candidate_objective(artifact, tmp_path):
         main, ["fuse", str(copy), "--retain", "0.25", "--fusion-samples", "4", "--fusion-objective", "choice-kl"]
     )
     assert r.exit_code == 0, r.output
-    fus = read_config(copy)["fusion"]
+    fus = config_json(copy)["fusion"]
     assert fus["objective"] == "choice-kl" and set(fus["ratios"]) == {"0.25"} and fus["n_samples"] == 4
     entry = fus["ratios"]["0.25"]
     assert entry["choice_kl"] == pytest.approx(min(e["choice_kl"] for e in entry["curve"]))
@@ -232,7 +229,16 @@ def test_only_scorers_that_use_fusion_weights_need_their_ratio():
     from qavtp.sweep import pruning_for
 
     learned = FusionParams(alpha=0.25, direction=-1)
-    cfg = {"fusion": {"ratios": {"0.125": {"params": learned.to_dict()}}}, "options": {}}
+    cfg = ArtifactConfig.from_dict(
+        {
+            "schema_version": 3,
+            "source": {"model": "m", "path": "m", "fingerprint": "0"},
+            "data": {"spec": "easy-vqa", "split": "train", "n_samples": 1, "seed": 0},
+            "options": {"method": "rtn", "weights": {"bits": 4}, "activations": None, "seed": 0},
+            "calibration": {"transforms": {}, "quantized": []},
+            "fusion": {"ratios": {"0.125": {"params": learned.to_dict()}}},
+        }
+    )
     assert pruning_for(None, "semantic", 0.5, cfg).fusion is None
     assert pruning_for(None, "qerror", 0.125, cfg).fusion == learned
     assert pruning_for(None, "qerror", 0.5, cfg).fusion is None

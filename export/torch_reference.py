@@ -1,0 +1,30 @@
+"""The torch model an export came from, pruned as the export prunes: what ``eval-onnx --compare`` holds it to."""
+
+from __future__ import annotations
+
+from qavtp.calibrate.artifact import load_model_or_artifact
+from qavtp.evaluate import Pruning, evaluate
+from qavtp.scoring import FusionParams
+
+
+def torch_like_export(meta: dict, cache_dir=None, dtype: str = "fp32"):
+    """``(model, processor, pruning or None)`` of the torch (fake-quant) model that ``export.json`` ``meta`` names."""
+    src = meta["source"]
+    artifact = src["kind"] == "artifact"
+    net, processor, adapter = load_model_or_artifact(
+        None if artifact else src["path"], src["path"] if artifact else None, dtype, cache_dir
+    )
+    pr = meta["pruning"]
+    prune = None
+    if pr["scorer"] and pr["retain"] < 1:
+        fusion = FusionParams.from_dict(pr["fusion"]) if pr["scorer"] == "qavtp" else None
+        prune = Pruning(adapter, pr["scorer"], pr["retain"], fusion=fusion)
+    return net, processor, prune
+
+
+def evaluate_like_export(meta: dict, dataset, batch_size: int, cache_dir=None) -> tuple[dict, list]:
+    """The torch model's results on ``dataset`` and each question's kept visual-token indices."""
+    net, processor, prune = torch_like_export(meta, cache_dir)
+    kept: list = []
+    res = evaluate(net, processor, dataset, batch_size=batch_size, prune=prune, desc="torch eval", keep_log=kept)
+    return res, kept
