@@ -21,12 +21,13 @@ unaligned projector, is a candidate), so alignment never makes that KL worse.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from qavtp.calibrate.quantizers import QuantWeight, dequantize_weight
+from qavtp.calibrate.scale_gains import ScaleGains
 from qavtp.config import AlignConfig
 from qavtp.data import load_data
 from qavtp.device import to_device
@@ -144,37 +145,6 @@ def _heldout_kl(model, adapter, held: list, ratios: list[float], bf16: bool) -> 
     return out
 
 
-class ScaleGains(torch.nn.Module):
-    """A learned gain on every group scale of every quantized weight (codes and zero points fixed).
-
-    The quantized modules cache their dequantized weight; :meth:`rebuild` recomputes it from
-    ``codes``, ``scale * gain`` and the zero points, differentiably, and must run before each forward pass
-    that should see the current gains. :meth:`fold` multiplies the gains into the scales for good.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.owners = [m for m in model.modules() if isinstance(m, QuantWeight)]  # a list: not submodules
-        self.gains = torch.nn.ParameterList([torch.nn.Parameter(torch.ones_like(m.scale)) for m in self.owners])
-
-    def rebuild(self) -> None:
-        for m, g in zip(self.owners, self.gains, strict=True):
-            m.weight = dequantize_weight(m.qweight, m.scale * g, m.zero, m.wspec, dtype=m.scale.dtype)
-
-    @torch.no_grad()
-    def fold(self) -> dict[str, float]:
-        """Scale the scales by the gains, rebuild the cached weights; returns the gains' spread."""
-        flat = torch.cat([g.detach().flatten() for g in self.gains])
-        for m, g in zip(self.owners, self.gains, strict=True):
-            m.scale.mul_(g)
-            m.refresh()
-        return {
-            "min": round(flat.min().item(), 4),
-            "max": round(flat.max().item(), 4),
-            "mean_abs_change": round((flat - 1).abs().mean().item(), 5),
-        }
-
-
 def align_projector(
     adapter,
     teacher,
@@ -203,133 +173,140 @@ def align_projector(
         raise QavtpError(f"projector alignment needs at least one step, got {config.steps}")
     if len(train) == 0 or len(heldout) == 0:
         raise QavtpError("projector alignment needs training and held-out questions")
-    steps, batch_size, lr, positions = config.steps, config.batch_size, config.lr, config.positions
-    vision_lr, scale_lr, ratios = config.vision_lr, config.scale_lr, list(config.ratios)
     t0 = time.time()
     model = adapter.model
-    rates = {"multi_modal_projector": lr, **({"vision_tower": vision_lr} if vision_lr > 0 else {})}
-    trained = {name: getattr(model.model, name) for name in rates}
-    gains = ScaleGains(model) if scale_lr > 0 else None
-    if gains is not None:
-        if not gains.owners:
-            raise QavtpError("weight-scale alignment needs a model with quantized weights; this one has none")
-        trained["weight_scales"], rates["weight_scales"] = gains, scale_lr
-    rebuild = gains.rebuild if gains is not None else lambda: None
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    groups = [{"params": list(m.parameters()), "lr": rates[n]} for n, m in trained.items()]
-    params = [p for g in groups for p in g["params"]]
-    for p in params:
-        p.requires_grad_(True)
+    trainable = _Trainable.of(model, config)
+    frozen = trainable.train_only(model)
     teacher.eval()
     model.eval()  # no dropout anywhere; gradients flow all the same
     held = _teacher_targets(teacher, processor, heldout, 16, bf16, device)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable.groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, config.steps // 10), config.steps))
+    curve: list[dict] = []
 
-    def snapshot() -> dict[str, dict[str, torch.Tensor]]:
-        return {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in trained.items()}
-
-    def evaluate(step: int, extra: dict) -> float:
+    def heldout_kl(step: int, extra: dict) -> float:
         with torch.no_grad():
-            rebuild()
-        kls = _heldout_kl(model, adapter, held, ratios, bf16)
+            trainable.rebuild()
+        kls = _heldout_kl(model, adapter, held, list(config.ratios), bf16)
         mean = sum(kls.values()) / len(kls)
-        curve.append(
-            {
-                "step": step,
-                **extra,
-                "heldout_kl": round(mean, 5),
-                "by_ratio": {str(r): round(v, 5) for r, v in kls.items()},
-            }
-        )
+        curve.append({"step": step, **extra, "heldout_kl": round(mean, 5), "by_ratio": _rounded(kls)})
         return mean
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, steps // 10), steps))
-    curve: list[dict] = []
-    best_kl = evaluate(0, {})
-    best_step, best_state = 0, snapshot()
-    n = len(train)
+    best_kl, best_step, best_state = heldout_kl(0, {}), 0, trainable.snapshot()
     running = None
-    bar = tqdm(total=steps, desc="aligning the projector to the quantized LLM", unit="step", disable=not progress)
-    for step in range(steps):
-        rows = train.select([(step * batch_size + k) % n for k in range(batch_size)])
-        (batch,) = _batches(processor, rows, batch_size, device)
-        if positions == "text":
-            batch = _text_positions(batch, adapter.image_token_id)
-        with torch.no_grad():
-            target = _answer_logprobs(teacher, *batch[1:], bf16)
-        rebuild()
-        loss = _kl(target, _student_logprobs(model, adapter, batch, ratios[step % len(ratios)], bf16))
-        opt.zero_grad()
-        loss.backward()
-        for g in groups:  # per group: the many scale gradients must not shrink the projector's steps
-            torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
+    bar = tqdm(
+        total=config.steps, desc="aligning the projector to the quantized LLM", unit="step", disable=not progress
+    )
+    for step in range(config.steps):
+        batch = _step_batch(processor, adapter, train, step, config, device)
+        rho = config.ratios[step % len(config.ratios)]
+        loss = _train_step(model, adapter, teacher, batch, rho, bf16, trainable, opt)
         opt.step()
         sched.step()
-        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        running = loss if running is None else 0.9 * running + 0.1 * loss
         bar.update(1)
         bar.set_postfix(kl=f"{running:.4f}", best=f"{best_kl:.4f}@{best_step}")
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            kl = evaluate(step + 1, {"train_kl": round(running, 5)})
+        if (step + 1) % eval_every == 0 or step + 1 == config.steps:
+            kl = heldout_kl(step + 1, {"train_kl": round(running, 5)})
             if kl < best_kl:
-                best_kl, best_step = kl, step + 1
-                best_state = snapshot()
+                best_kl, best_step, best_state = kl, step + 1, trainable.snapshot()
     bar.close()
-    for name, module in trained.items():
-        module.load_state_dict(best_state[name])
-    spread = gains.fold() if gains is not None else None
+    trainable.restore(best_state)
+    spread = trainable.gains.fold() if trainable.gains is not None else None
     for p, flag in frozen.items():
         p.requires_grad_(flag)
+    return _record(config, trainable, spread, bf16, (len(train), len(heldout)), best_step, best_kl, curve, t0)
+
+
+def _rounded(kls: dict[float, float]) -> dict[str, float]:
+    return {str(r): round(v, 5) for r, v in kls.items()}
+
+
+@dataclass
+class _Trainable:
+    """What alignment trains: the projector, the vision tower if it has a rate, the scale gains if they have one."""
+
+    modules: dict[str, torch.nn.Module]
+    groups: list[dict]
+    gains: ScaleGains | None
+
+    @classmethod
+    def of(cls, model, config: AlignConfig) -> _Trainable:
+        rates = {"multi_modal_projector": config.lr}
+        if config.vision_lr > 0:
+            rates["vision_tower"] = config.vision_lr
+        modules = {name: getattr(model.model, name) for name in rates}
+        gains = ScaleGains(model) if config.scale_lr > 0 else None
+        if gains is not None:
+            if not gains.owners:
+                raise QavtpError("weight-scale alignment needs a model with quantized weights; this one has none")
+            modules["weight_scales"], rates["weight_scales"] = gains, config.scale_lr
+        groups = [{"params": list(m.parameters()), "lr": rates[n]} for n, m in modules.items()]
+        return cls(modules, groups, gains)
+
+    def train_only(self, model) -> dict:
+        """Gradients for these parameters alone; returns every parameter's previous flag."""
+        frozen = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in (p for g in self.groups for p in g["params"]):
+            p.requires_grad_(True)
+        return frozen
+
+    def rebuild(self) -> None:
+        if self.gains is not None:
+            self.gains.rebuild()
+
+    def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in self.modules.items()}
+
+    def restore(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name, module in self.modules.items():
+            module.load_state_dict(state[name])
+
+
+def _step_batch(processor, adapter, train, step: int, config: AlignConfig, device):
+    """Step ``step``'s questions (the training set cycled), encoded, with the positions the loss compares."""
+    n, size = len(train), config.batch_size
+    rows = train.select([(step * size + k) % n for k in range(size)])
+    (batch,) = _batches(processor, rows, size, device)
+    return _text_positions(batch, adapter.image_token_id) if config.positions == "text" else batch
+
+
+def _train_step(model, adapter, teacher, batch, rho: float, bf16: bool, trainable: _Trainable, opt) -> float:
+    """The distillation loss of one batch, back-propagated and clipped (the optimizer steps after)."""
+    with torch.no_grad():
+        target = _answer_logprobs(teacher, *batch[1:], bf16)
+    trainable.rebuild()
+    loss = _kl(target, _student_logprobs(model, adapter, batch, rho, bf16))
+    opt.zero_grad()
+    loss.backward()
+    for g in trainable.groups:  # per group: the many scale gradients must not shrink the projector's steps
+        torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
+    return loss.item()
+
+
+def _record(config: AlignConfig, trainable: _Trainable, spread, bf16: bool, sizes, best_step, best_kl, curve, t0):
+    """The alignment's record in the artifact."""
+    ratios = list(config.ratios)
     return {
-        "target": "+".join(trained),
-        "objective": f"kl(fp dense || quantized, pruned to each ratio), all {positions} tokens, full vocabulary",
-        "positions": positions,
+        "target": "+".join(trainable.modules),
+        "objective": f"kl(fp dense || quantized, pruned to each ratio), all {config.positions} tokens, full vocabulary",
+        "positions": config.positions,
         "ratios": ratios,
         "pruning_scorer": "qapruner" if any(r < 1 for r in ratios) else None,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "vision_lr": vision_lr,
-        "scale_lr": scale_lr,
+        "steps": config.steps,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "vision_lr": config.vision_lr,
+        "scale_lr": config.scale_lr,
         **({"scale_gains": spread} if spread else {}),
         "bf16": bf16,
-        "train_questions": n,
-        "heldout_questions": len(heldout),
+        "train_questions": sizes[0],
+        "heldout_questions": sizes[1],
         "best_step": best_step,
         "heldout_kl_before": curve[0]["heldout_kl"],
         "heldout_kl_after": round(best_kl, 5),
         "curve": curve,
         "seconds": round(time.time() - t0, 1),
     }
-
-
-def plot_alignment(record: dict, path) -> None:
-    """Held-out KL against step, one line per retention ratio (and the training KL), the kept step marked.
-
-    Written straight to ``path``: callers pass a path inside the artifact's temporary directory (``save_artifact``'s
-    ``extras``), which lands whole or not at all.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curve = record["curve"]
-    steps = [c["step"] for c in curve]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for r in record["ratios"]:
-        label = "held-out, all tokens" if r >= 1 else f"held-out, {100 * r:g} % of the tokens"
-        ax.plot(steps, [c["by_ratio"][str(r)] for c in curve], "o-", label=label)
-    train = [c for c in curve if "train_kl" in c]
-    ax.plot([c["step"] for c in train], [c["train_kl"] for c in train], "--", c="gray", label="training (running)")
-    ax.axvline(record["best_step"], c="k", lw=0.8, ls=":", label=f"kept: step {record['best_step']}")
-    ax.set_xlabel("alignment step")
-    ax.set_ylabel("KL(FP dense ‖ quantized) per answer token (nats)")
-    ax.set_title("projector alignment to the quantized LLM")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)

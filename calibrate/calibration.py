@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from qavtp.calibrate.align import align_projector, alignment_data, plot_alignment
+from qavtp.calibrate.align import align_projector, alignment_data
+from qavtp.calibrate.alignment_plot import plot_alignment
 from qavtp.calibrate.artifact import fingerprint, save_artifact
 from qavtp.calibrate.artifact_config import ArtifactConfig, Calibration, CalibrationData, Fusion, Options, Source
 from qavtp.calibrate.fusion import fusion_targets, learn_fusion

@@ -10,7 +10,8 @@ import gc
 from dataclasses import replace
 from pathlib import Path
 
-from qavtp.calibrate.align import align_projector, alignment_data, plot_alignment
+from qavtp.calibrate.align import align_projector, alignment_data
+from qavtp.calibrate.alignment_plot import plot_alignment
 from qavtp.calibrate.artifact import (
     CONFIG,
     calibration_questions,

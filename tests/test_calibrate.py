@@ -523,7 +523,7 @@ def test_align_vision_tower_is_stored_and_carried(tiny_llava_dir, tmp_path):
 
 
 def test_scale_gains_rebuild_differentiably_and_fold_into_the_scales():
-    from qavtp.calibrate.align import ScaleGains
+    from qavtp.calibrate.scale_gains import ScaleGains
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(

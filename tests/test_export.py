@@ -581,8 +581,8 @@ def test_cli_eval_onnx_compares_with_torch(runtime, exports, tmp_path):
 def test_learned_group_scales_are_exported(fmt, vocab_artifact, tmp_path):
     """Alignment with ``--scale-lr`` changes only the stored group scales: the graphs must carry them, in the
     decoder linears, the quantized embedding and the LM head alike."""
-    from qavtp.calibrate.align import ScaleGains
     from qavtp.calibrate.artifact import save_artifact
+    from qavtp.calibrate.scale_gains import ScaleGains
 
     model, _, _, cfg = load_artifact(vocab_artifact)
     gains = ScaleGains(model)
