@@ -134,7 +134,9 @@ def fused_scores(g: Graph, sem: str, X: str, dim: int, p: FusionParams, qdq_ops:
 
 
 @dataclass
-class Pruned:
+class PrunedSequence:
+    """The names of the ONNX values of :class:`qavtp.pruning.PrunedSequence` (plus the kept indices and scores)."""
+
     embeds: str  # [B, L', D]
     mask: str  # [B, L']
     positions: str  # [B, L'] contiguous position ids
@@ -154,7 +156,7 @@ def prune(
     scorer: str,
     params: FusionParams | None,
     cls: str | None = None,
-) -> Pruned:
+) -> PrunedSequence:
     """Score the N visual tokens, keep the top k, and drop the others from the sequence.
 
     ``cls`` is the vision tower's [CLS] attention ``[B, N]``, the relevance term when ``params.semantic`` is cls.
@@ -177,7 +179,7 @@ def prune(
     new_len = g.op("Sub", seq_len(g, is_image), g.const([n - k], I64))
     positions = ordered_positions(g, survive, new_len)
     new_mask = g.op("GatherElements", mask, positions, axis=1)
-    return Pruned(
+    return PrunedSequence(
         embeds=gather_rows(g, emb, positions),
         mask=new_mask,
         positions=left_padded_positions(g, new_mask),

@@ -28,8 +28,8 @@ from qavtp.scoring import check_layer
 
 
 @dataclass
-class PrunedState:
-    """The cache and masks after a pruned prefill; :func:`extend` appends tokens to it."""
+class PrunedCache:
+    """The KV cache and masks after a pruned prefill; :func:`extend` appends tokens to it."""
 
     cache: DynamicCache
     layer_k: int
@@ -38,10 +38,10 @@ class PrunedState:
     next_pos: Tensor  # [B] position id of the next token
     keep_idx: Tensor  # [B, k] kept visual tokens, ascending
 
-    def select(self, rows: Tensor) -> PrunedState:
+    def select(self, rows: Tensor) -> PrunedCache:
         """The state of some rows (repeats allowed): one row per candidate answer, say."""
         self.cache.reorder_cache(rows)
-        return PrunedState(
+        return PrunedCache(
             self.cache,
             self.layer_k,
             self.full_mask[rows],
@@ -97,7 +97,7 @@ def pruned_prefill(
     keep: Tensor | Callable,
     rho: float | None = None,
     layer_k: int = 0,
-) -> tuple[Tensor, PrunedState]:
+) -> tuple[Tensor, PrunedCache]:
     """Last-position logits ``[B, V]`` of the prompt with visual tokens pruned at layer K, and the state.
 
     ``keep`` is a ``[B, k]`` tensor of kept visual-token indices, or a function of ``(hidden [B, L, D] entering
@@ -127,12 +127,12 @@ def pruned_prefill(
     # K = 0: the shortened prompt is an ordinary prompt, numbered afresh; K > 0: survivors keep their numbers.
     pruned_pos = left_padded_positions(pruned_pad) if K == 0 else pos.gather(1, positions)
     h = _run(adapter, list(layers[K:]), h, pruned_pad, pruned_pos, cache)
-    state = PrunedState(cache, K, pad if K else pad[:, :0], pruned_pad, pruned_pos[:, -1] + 1, keep_idx.sort(1).values)
+    state = PrunedCache(cache, K, pad if K else pad[:, :0], pruned_pad, pruned_pos[:, -1] + 1, keep_idx.sort(1).values)
     return _logits(adapter, h[:, -1]), state
 
 
 @torch.no_grad()
-def extend(adapter, state: PrunedState, input_ids: Tensor, pad: Tensor | None = None) -> Tensor:
+def extend(adapter, state: PrunedCache, input_ids: Tensor, pad: Tensor | None = None) -> Tensor:
     """Logits ``[B, T, V]`` of ``input_ids [B, T]`` (right-padded by ``pad``) appended to ``state`` (updated)."""
     layers = adapter.decoder_layers
     T = input_ids.shape[1]
@@ -149,7 +149,7 @@ def extend(adapter, state: PrunedState, input_ids: Tensor, pad: Tensor | None = 
 
 
 @torch.no_grad()
-def pruned_generate(adapter, state: PrunedState, first_logits: Tensor, eos_id: int | None, max_new_tokens: int = 8):
+def pruned_generate(adapter, state: PrunedCache, first_logits: Tensor, eos_id: int | None, max_new_tokens: int = 8):
     """Greedy continuation after :func:`pruned_prefill`: token ids ``[B, <= max_new_tokens]``."""
     out = []
     done = torch.zeros(first_logits.shape[0], dtype=torch.bool)

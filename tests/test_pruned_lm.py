@@ -1,5 +1,6 @@
 """Pruned prefill + KV cache on the tiny random LLaVA: equal to dense at full retention, to the cache-free
-pruned forward, to each sample alone, and greedy generation equal to Hugging Face's at full retention."""
+pruned forward of tests/oracles.py, to each sample alone, and greedy generation equal to Hugging Face's at full
+retention."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from qavtp.pruned_lm import extend, pruned_generate, pruned_prefill
-from qavtp.pruning import pruned_forward
+from tests.oracles import pruned_forward
 
 KEEP = torch.tensor([[0, 1, 2, 3, 4], [3, 5, 8, 13, 15], [1, 4, 9, 10, 12]])
 

@@ -11,14 +11,7 @@ from qavtp.calibrate.quantizers import QuantSpec
 from qavtp.config import QuantConfig
 from qavtp.errors import QavtpError
 from qavtp.models.loading import load_model
-from qavtp.pruning import (
-    PruneState,
-    check_ratio,
-    keep_count,
-    prune_sequence,
-    pruned_forward,
-    select_tokens,
-)
+from qavtp.pruning import check_ratio, keep_count, prune_sequence, select_tokens
 from qavtp.scoring import (
     SCORERS,
     FusionParams,
@@ -40,6 +33,7 @@ from qavtp.scoring import (
     text_attention,
     variance,
 )
+from tests.oracles import PruneState, pruned_forward
 
 
 def _sample(enc, i: int) -> dict:
