@@ -181,8 +181,8 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
     used_scorer = scorer if rho < 1 else None
     weight_fmt = fmt if cfg is not None else "fp32"
 
-    prefill = build_prefill(adapter, fmt, n, k, used_scorer, params, accuracy_level)
-    decode = build_decode(adapter, fmt, accuracy_level)
+    prefill = build_prefill(adapter, config.weights, n, k, used_scorer, params)
+    decode = build_decode(adapter, config.weights)
     prefix, suffix = _prompt_parts(processor)
     tok = processor.tokenizer
     text = model.config.get_text_config()

@@ -19,11 +19,10 @@ from torch import nn
 from qavtp.calibrate.hadamard import hadamard_factors
 from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, check_group_size, pack_int4
 from qavtp.calibrate.rotation import OnlineHadamardLinear
+from qavtp.config import WeightFormat
 from qavtp.errors import QavtpError
 from qavtp.export.fakequant import fake_quant
 from qavtp.export.onnx_graph import MS_DOMAIN, Graph, Tensor
-
-FORMATS = ("qdq", "ort")
 
 
 def np32(t: torch.Tensor) -> np.ndarray:
@@ -38,12 +37,6 @@ def _int_tensor(codes: torch.Tensor, signed: bool, bits: int) -> Tensor:
         return Tensor(TensorProto.INT4 if signed else TensorProto.UINT4, dims, raw)
     arr = codes.numpy().astype(np.int8 if signed else np.uint8)
     return Tensor(TensorProto.INT8 if signed else TensorProto.UINT8, dims, arr.tobytes())
-
-
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise QavtpError(f"unknown weight format {fmt!r}; use one of {', '.join(FORMATS)}")
-    return fmt
 
 
 def nbits_block_ok(block: int) -> bool:
@@ -85,19 +78,17 @@ def _bias(g: Graph, y: str, bias: torch.Tensor | None, name: str) -> str:
     return y if bias is None else g.op("Add", y, g.weight(f"{name}.bias", np32(bias)))
 
 
-def quant_linear(
-    g: Graph, x: str, m: QuantLinear, name: str, fmt: str, accuracy_level: int = 0, act: bool = True
-) -> str:
+def quant_linear(g: Graph, x: str, m: QuantLinear, name: str, weights: WeightFormat, act: bool = True) -> str:
     """``F.linear(Qa(x), dequant(W), b)``: the module's own activation quantizer first, as in torch (unless
     ``act`` is false: the pruning scorer reads attention with the weights alone)."""
     if m.wspec.bits not in (4, 8):
         raise QavtpError(f"{name}: {m.wspec.bits}-bit weights cannot be exported (ONNX has 4- and 8-bit types)")
     if m.aspec is not None and act:
-        x = fake_quant(g, x, m.aspec, m.in_features, qdq_ops=fmt == "ort")
+        x = fake_quant(g, x, m.aspec, m.in_features, qdq_ops=weights.ort)
     block = check_group_size(m.in_features, m.wspec.group_size)
-    if fmt == "ort" and m.wspec.bits == 4:
+    if weights.ort and m.wspec.bits == 4:
         if nbits_block_ok(block):
-            return _bias(g, _matmul_nbits(g, x, m, name, accuracy_level), m.bias, name)
+            return _bias(g, _matmul_nbits(g, x, m, name, weights.accuracy_level), m.bias, name)
         warnings.warn(
             f"{name}: weight group {block} is not a power of two in 16..256, which MatMulNBits needs; "
             "this layer falls back to DequantizeLinear + MatMul",
@@ -160,14 +151,14 @@ def hadamard(g: Graph, x: str, n: int) -> str:
     return g.op("Reshape", g.op("Transpose", Y, perm=[0, 1, 3, 2]), g.const([0, 0, n], np.int64))
 
 
-def linear(g: Graph, x: str, m: nn.Module, name: str, fmt: str, accuracy_level: int = 0, act: bool = True) -> str:
+def linear(g: Graph, x: str, m: nn.Module, name: str, weights: WeightFormat, act: bool = True) -> str:
     """Any linear the decoder holds: plain, quantized, or with an online Hadamard on its input. ``act=False``
     leaves out the activation quantizer."""
     if isinstance(m, OnlineHadamardLinear):
         # The torch module computes linear(x @ H): the rotation comes before the activation quantizer.
-        return linear(g, hadamard(g, x, m.in_features), m.linear, f"{name}.linear", fmt, accuracy_level, act)
+        return linear(g, hadamard(g, x, m.in_features), m.linear, f"{name}.linear", weights, act)
     if isinstance(m, QuantLinear):
-        return quant_linear(g, x, m, name, fmt, accuracy_level, act)
+        return quant_linear(g, x, m, name, weights, act)
     if isinstance(m, nn.Linear):
         return fp_linear(g, x, m, name)
     raise QavtpError(f"{name}: cannot export a {type(m).__name__} as a linear layer")

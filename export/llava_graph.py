@@ -16,6 +16,7 @@ from torch import nn
 
 from qavtp.calibrate.kvcache import kv_spec_of
 from qavtp.calibrate.quantizers import QuantEmbedding
+from qavtp.config import WeightFormat
 from qavtp.errors import QavtpError
 from qavtp.export.fakequant import fake_quant
 from qavtp.export.int4 import fp_linear, linear, np32, quant_gather
@@ -117,10 +118,15 @@ class Rope:
 
 
 class Decoder:
-    """Builds the LLaMA-style decoder of ``adapter`` into graphs (one instance per graph)."""
+    """Builds the LLaMA-style decoder of ``adapter`` into graphs (one instance per graph).
 
-    def __init__(self, g: Graph, adapter, fmt: str, accuracy_level: int = 0):
-        self.g, self.adapter, self.fmt, self.acc = g, adapter, fmt, accuracy_level
+    As onnxruntime-genai's builders: :meth:`make_layer` is :meth:`make_attention` then :meth:`make_mlp`, each
+    reading its weights from the module it builds (the weight format from the export's :class:`WeightFormat`);
+    a decoder that differs (biases, another activation, other norms) overrides the hook that differs.
+    """
+
+    def __init__(self, g: Graph, adapter, weights: WeightFormat):
+        self.g, self.adapter, self.weights = g, adapter, weights
         model = adapter.model
         text = model.config.get_text_config()
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -142,7 +148,7 @@ class Decoder:
         return self.names[id(m)]
 
     def linear(self, x: str, m: nn.Module, act: bool = True) -> str:
-        return linear(self.g, x, m, self.name(m), self.fmt, self.acc, act)
+        return linear(self.g, x, m, self.name(m), self.weights, act)
 
     def embed(self, ids: str) -> str:
         emb = self.adapter.embed_tokens
@@ -205,16 +211,26 @@ class Decoder:
         k = fake_quant(g, g.op("MatMul", k, h), spec, self.head_dim, rank=4)
         return g.op("MatMul", q, h), k, fake_quant(g, v, spec, self.head_dim, rank=4)
 
-    def layer(
+    def make_layer(
         self, i: int, h: str, rope: Rope, allowed: str, past: tuple[str, str] | None, stage: str = "llm"
     ) -> tuple[str, str, str]:
         """One decoder layer; returns the new hidden states and the layer's present key/value. ``stage`` prefixes
         the node names (per-stage timings): ``prune/score`` where a relevance term runs layers on the full prompt."""
         g = self.g
         layer = self.layers[i]
-        attn, mlp = layer.self_attn, layer.mlp
         g.scope = f"{stage}/layer{i}"
         x = rmsnorm(g, h, layer.input_layernorm.weight, self.eps, self.name(layer.input_layernorm))
+        o, k, v = self.make_attention(layer.self_attn, x, rope, allowed, past)
+        h = g.op("Add", h, o)
+        x = rmsnorm(g, h, layer.post_attention_layernorm.weight, self.eps, self.name(layer.post_attention_layernorm))
+        h = g.op("Add", h, self.make_mlp(layer.mlp, x))
+        return h, k, v
+
+    def make_attention(
+        self, attn: nn.Module, x: str, rope: Rope, allowed: str, past: tuple[str, str] | None
+    ) -> tuple[str, str, str]:
+        """Self-attention of normed ``x``: its output (before the residual add) and the present key/value."""
+        g = self.g
         q = self.apply_rope(_heads(g, self.linear(x, attn.q_proj), self.heads, self.head_dim), rope)
         k = self.apply_rope(_heads(g, self.linear(x, attn.k_proj), self.kv_heads, self.head_dim), rope)
         v = _heads(g, self.linear(x, attn.v_proj), self.kv_heads, self.head_dim)
@@ -222,12 +238,13 @@ class Decoder:
             k = g.op("Concat", past[0], k, axis=2)
             v = g.op("Concat", past[1], v, axis=2)
         o = _merge_heads(g, self.attend(*self.kv_quant(attn, q, k, v), allowed), self.heads * self.head_dim)
-        h = g.op("Add", h, self.linear(o, attn.o_proj))
-        x = rmsnorm(g, h, layer.post_attention_layernorm.weight, self.eps, self.name(layer.post_attention_layernorm))
+        return self.linear(o, attn.o_proj), k, v
+
+    def make_mlp(self, mlp: nn.Module, x: str) -> str:
+        """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
         gate = self.linear(x, mlp.gate_proj)
-        act = g.op("Mul", _act(g, gate, "silu"), self.linear(x, mlp.up_proj))
-        h = g.op("Add", h, self.linear(act, mlp.down_proj))
-        return h, k, v
+        act = self.g.op("Mul", _act(self.g, gate, "silu"), self.linear(x, mlp.up_proj))
+        return self.linear(act, mlp.down_proj)
 
     def head(self, h: str) -> str:
         """Final norm and LM head; a head tied to the embeddings reuses that matrix (Gemm with transB)."""
@@ -255,7 +272,7 @@ class Decoder:
         rope = self.rope(position_ids)
         presents = []
         for i in range(len(self.layers)):
-            h, k, v = self.layer(i, h, rope, allowed, None if past is None else past[i])
+            h, k, v = self.make_layer(i, h, rope, allowed, None if past is None else past[i])
             presents.append((k, v))
         return h, presents
 
@@ -269,7 +286,7 @@ def vision_tokens(g: Graph, adapter, pixel_values: str, cls_layer: int | None = 
     model = adapter.model
     cfg = model.config
     names = {id(m): n for n, m in model.named_modules()}
-    tower = model.model.vision_tower
+    tower = adapter.vision_tower
     body = getattr(tower, "vision_model", tower)
     vc = cfg.vision_config
     g.scope = "vision/embed"
@@ -312,7 +329,7 @@ def vision_tokens(g: Graph, adapter, pixel_values: str, cls_layer: int | None = 
     if cfg.vision_feature_select_strategy == "default":  # drop [CLS]
         feats = g.op("Slice", feats, g.const([1], I64), g.const([np.iinfo(I64).max], I64), g.const([1], I64))
     g.scope = "vision/projector"
-    proj = model.model.multi_modal_projector
+    proj = adapter.projector
     x = fp_linear(g, feats, proj.linear_1, names[id(proj.linear_1)])
     x = _act(g, x, cfg.projector_hidden_act)
     tokens = fp_linear(g, x, proj.linear_2, names[id(proj.linear_2)])

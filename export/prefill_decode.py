@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from qavtp.config import WeightFormat
 from qavtp.export.llava_graph import Decoder, left_padded_positions, vision_tokens
 from qavtp.export.onnx_graph import Graph
 from qavtp.export.pruning_subgraph import gather_rows, prune
@@ -19,19 +20,13 @@ def _cache_dims(dec: Decoder, seq: str) -> list:
 
 
 def build_prefill(
-    adapter,
-    fmt: str,
-    n_visual: int,
-    k: int,
-    scorer: str | None,
-    params: FusionParams | None,
-    accuracy_level: int = 0,
+    adapter, weights: WeightFormat, n_visual: int, k: int, scorer: str | None, params: FusionParams | None
 ) -> Graph:
     """``pixel_values, input_ids, attention_mask`` -> last-position logits, presents, pruned mask, kept indices."""
     model = adapter.model
     vc = model.config.vision_config
     g = Graph("qavtp_prefill")
-    dec = Decoder(g, adapter, fmt, accuracy_level)
+    dec = Decoder(g, adapter, weights)
     size = vc.image_size
     pixels = g.input("pixel_values", FLOAT, ["batch", vc.num_channels, size, size])
     ids = g.input("input_ids", INT64, ["batch", "seq"])
@@ -72,10 +67,10 @@ def build_prefill(
     return g
 
 
-def build_decode(adapter, fmt: str, accuracy_level: int = 0) -> Graph:
+def build_decode(adapter, weights: WeightFormat) -> Graph:
     """``input_ids [B, T], attention_mask [B, P+T], position_ids [B, T], past.*`` -> ``logits [B, T, V]``, presents."""
     g = Graph("qavtp_decode")
-    dec = Decoder(g, adapter, fmt, accuracy_level)
+    dec = Decoder(g, adapter, weights)
     ids = g.input("input_ids", INT64, ["batch", "seq"])
     mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
     pos = g.input("position_ids", INT64, ["batch", "seq"])

@@ -58,7 +58,7 @@ def text_attention(g: Graph, dec: Decoder, emb: str, mask: str, positions: str, 
     if at:
         rope, allowed = dec.rope(positions), dec.attention_mask(mask, seq_len(g, emb), None)
         for i in range(at):
-            emb, _, _ = dec.layer(i, emb, rope, allowed, None, stage="prune/score")
+            emb, _, _ = dec.make_layer(i, emb, rope, allowed, None, stage="prune/score")
         g.scope = "prune/score"
     layer = dec.layers[at]
     attn = layer.self_attn
@@ -168,7 +168,7 @@ def prune(
     else:
         at = semantic_layer(params.semantic) if params is not None and scorer != "semantic" else 0
         sem = text_attention(g, dec, emb, mask, left_padded_positions(g, mask), vis_pos, at)
-    scores = sem if scorer == "semantic" else fused_scores(g, sem, vis, dec.hidden, params, qdq_ops=dec.fmt == "ort")
+    scores = sem if scorer == "semantic" else fused_scores(g, sem, vis, dec.hidden, params, qdq_ops=dec.weights.ort)
     g.scope = "prune/select"
     _, top = g.op("TopK", scores, g.const([k], I64), axis=-1, largest=1, sorted=1, outputs=2)
     kept, _ = g.op("TopK", top, g.const([k], I64), axis=-1, largest=0, sorted=1, outputs=2)  # ascending order

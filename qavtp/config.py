@@ -238,6 +238,26 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class WeightFormat:
+    """How quantized weights become ONNX: blocked ``DequantizeLinear`` + ``MatMul`` (``qdq``, any runtime) or
+    onnxruntime's ``MatMulNBits`` (``ort``) with its accuracy level (4: int8 activations inside the kernel)."""
+
+    format: str = "qdq"
+    accuracy_level: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("format", self.format, EXPORT_FORMATS)
+        _int("accuracy_level", self.accuracy_level, 0)
+        if self.accuracy_level > 4:
+            raise ConfigError("accuracy_level", f"must be 0 to 4, got {self.accuracy_level}")
+
+    @property
+    def ort(self) -> bool:
+        """onnxruntime's contrib ops (MatMulNBits, the blocked activation Q/DQ) may be used."""
+        return self.format == "ort"
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """What ``qavtp export`` writes: the kept fraction and its in-graph scorer, and the int4 weight format."""
 
@@ -252,10 +272,11 @@ class ExportConfig:
         except QavtpError as e:
             raise ConfigError("retain", f"must be a retention ratio in (0, 1], got {self.retain}") from e
         _choice("scorer", self.scorer, EXPORT_SCORERS)
-        _choice("format", self.format, EXPORT_FORMATS)
-        _int("accuracy_level", self.accuracy_level, 0)
-        if self.accuracy_level > 4:
-            raise ConfigError("accuracy_level", f"must be 0 to 4, got {self.accuracy_level}")
+        WeightFormat(self.format, self.accuracy_level)  # checks the format and level
+
+    @property
+    def weights(self) -> WeightFormat:
+        return WeightFormat(self.format, self.accuracy_level)
 
 
 EVAL_MODES = ("loglik", "generate")

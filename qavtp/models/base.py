@@ -28,6 +28,14 @@ class Adapter:
         """Projector output: visual tokens in the LLM's embedding space, ``[B, N, D]``."""
         raise NotImplementedError
 
+    @property
+    def vision_tower(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def projector(self) -> nn.Module:
+        raise NotImplementedError
+
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.project(self.vision_features(pixel_values))
 

@@ -12,9 +12,17 @@ from qavtp.models.base import Adapter, register
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
 
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         cfg = self.model.config
-        tower = self.model.model.vision_tower
+        tower = self.vision_tower
         out = tower(pixel_values.to(tower.dtype), output_hidden_states=True)
         layers = cfg.vision_feature_layer
         if isinstance(layers, int):
@@ -26,7 +34,7 @@ class LlavaAdapter(Adapter):
         return feats
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.model.multi_modal_projector(features)
+        return self.projector(features)
 
     @property
     def language_model(self) -> nn.Module:
