@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ from qavtp.config import (
     EvalConfig,
     ExportConfig,
     FusionConfig,
+    ReferenceTrainingConfig,
     parse_ratios,
     updated,
 )
@@ -692,14 +694,16 @@ def train_reference_cmd(work_dir, out, seed, stage1_epochs, stage2_steps, packed
     from qavtp.models import reference
     from qavtp.train_reference import train_reference
 
-    path = train_reference(
-        out=Path(out) if out else Path(work_dir) / reference.WEIGHTS.name,
-        work=Path(work_dir),
-        seed=seed,
-        stage1_epochs=stage1_epochs,
-        stage2_steps=stage2_steps,
-        packed_steps=packed_steps,
-    )
+    default = ReferenceTrainingConfig()
+    with flags_named({"seed": "--seed", "stage1_epochs": "--stage1-epochs"}):
+        config = ReferenceTrainingConfig(
+            seed=seed,
+            stage1_epochs=stage1_epochs,
+            single=replace(default.single, steps=stage2_steps),
+            packed=replace(default.packed, steps=packed_steps),
+        )
+    out_path = Path(out) if out else Path(work_dir) / reference.WEIGHTS.name
+    path = train_reference(config, out=out_path, work=Path(work_dir))
     click.echo(f"wrote {path}")
 
 

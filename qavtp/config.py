@@ -317,6 +317,48 @@ class EvalConfig:
         return len(self.ratios) > 1 or len(self.scorers) > 1 or self.with_fp
 
 
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage-2 run of the reference training: the projector (and tower) through the frozen LLM."""
+
+    steps: int
+    schedule: int | None = None  # warm-up + cosine length (default: steps), so a run may stop before its end
+    batch: int = 16  # questions a step, or conversations with ``pack``
+    lr: float = 1e-3
+    tower_lr: float = 1e-4
+    pack: int = 0  # > 0: conversations of up to this many questions about one image
+    name: str = "stage2"  # the checkpoint's and the log's name
+    eval_every: int = 100
+    save_every: int = 50
+    heldout: int = 200  # held-out questions, from train images kept out of training
+
+    def __post_init__(self) -> None:
+        _int("steps", self.steps, 0)
+        if self.schedule is not None:
+            _int("schedule", self.schedule, 1)
+        for name in ("batch", "eval_every", "save_every", "heldout"):
+            _int(name, getattr(self, name), 1)
+        _int("pack", self.pack, 0)
+        for name in ("lr", "tower_lr"):
+            if _number(name, getattr(self, name)) < 0:
+                raise ConfigError(name, f"must be 0 or positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ReferenceTrainingConfig:
+    """The recipe that produced the shipped reference weights (docs/results.md): stage 1, then stage 2 on single
+    questions, then on packed multi-turn conversations, each stopped where held-out accuracy had plateaued."""
+
+    seed: int = 0
+    stage1_epochs: int = 12
+    single: StageConfig = StageConfig(100, schedule=450)
+    packed: StageConfig = StageConfig(400, schedule=800, batch=4, pack=6, name="stage2b")
+
+    def __post_init__(self) -> None:
+        _int("seed", self.seed)
+        _int("stage1_epochs", self.stage1_epochs, 0)
+
+
 def build(kind: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     """``kind(**values)`` with its :class:`ConfigError` naming the field under ``prefix`` (``align.steps``)."""
     try:

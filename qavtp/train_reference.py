@@ -14,12 +14,14 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from qavtp.config import ReferenceTrainingConfig, StageConfig
 from qavtp.data.easyvqa import COLORS, SHAPES, image_labels, load_easyvqa
 from qavtp.evaluate import evaluate
 from qavtp.models import reference
@@ -147,82 +149,28 @@ def packed_loss(model, enc, rows_idx, pos_idx, targets):
     return F.cross_entropy(logits.float(), targets)
 
 
-def stage2(
-    model,
-    processor,
-    log: Path,
-    steps: int,
-    seed: int,
-    ckpt: Path,
-    batch: int = 16,
-    lr: float = 1e-3,
-    tower_lr: float = 1e-4,
-    eval_every: int = 100,
-    heldout_n: int = 200,
-    save_every: int = 50,
-    pack: int = 0,
-    name: str = "stage2",
-    schedule_steps: int | None = None,
-) -> None:
-    """Projector (and tower) training through the frozen LLM.
+def stage2(model, processor, log: Path, ckpt: Path, stage: StageConfig, seed: int) -> None:
+    """Projector (and tower) training through the frozen LLM; resumes from ``ckpt`` if a checkpoint is there.
 
-    ``pack`` > 0 trains on multi-turn conversations of up to ``pack`` questions about one image
-    (``batch`` conversations a step), which amortises the image's tokens over several answers.
-    ``schedule_steps`` (default ``steps``) is the length of the warm-up + cosine schedule, so a
-    run can stop before its schedule ends.
+    ``stage.pack`` > 0 trains on multi-turn conversations of up to that many questions about one image
+    (``stage.batch`` conversations a step), which amortises the image's tokens over several answers.
     """
     ds = load_easyvqa("train")
     train, held = _split(ds)
-    held = held.shuffle(seed=seed).select(range(min(heldout_n, len(held))))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    proj = model.model.multi_modal_projector
-    tower = model.model.vision_tower
-    for p in list(proj.parameters()) + list(tower.parameters()):
-        p.requires_grad_(True)
-    groups = [{"params": list(proj.parameters()), "lr": lr}]
-    if tower_lr > 0:
-        groups.append({"params": list(tower.parameters()), "lr": tower_lr})
+    held = held.shuffle(seed=seed).select(range(min(stage.heldout, len(held))))
+    groups = _train_projector_and_tower(model, stage)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    total = schedule_steps or steps
-    warm = min(50, total // 10 + 1)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warm, total, floor=0.1))
-    start = 0
-    state_file = ckpt / f"{name}_state.pt"
-    if state_file.is_file():
-        state = torch.load(state_file, weights_only=True)
-        model.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = int(state["step"])
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    by_image: dict[int, list[int]] = {}
-    for i, im in enumerate(train["image_id"]):
-        by_image.setdefault(im, []).append(i)
-    image_order = sorted(by_image)
-    random.Random(seed + 1).shuffle(image_order)
+    total = stage.schedule or stage.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(min(50, total // 10 + 1), total, floor=0.1))
+    state_file = ckpt / f"{stage.name}_state.pt"
+    start = _resume(model, opt, sched, state_file)
+    data = _Stage2Data.of(train, seed)
     t0 = time.time()
-    bar = tqdm(total=steps, initial=start, desc=f"{name}: projector through frozen LLM", unit="step")
+    bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name}: projector through frozen LLM", unit="step")
     running = None
-    for step in range(start, steps):
+    for step in range(start, stage.steps):
         model.train()
-        if pack:
-            rng = random.Random(seed * 1_000_003 + step)  # per step, so a resumed run sees the same data
-            convs = []
-            for k in range(batch):
-                qs = by_image[image_order[(step * batch + k) % len(image_order)]]
-                convs.append(train[sorted(rng.sample(qs, min(pack, len(qs))))])
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = packed_loss(model, *_packed_batch(processor, convs))
-        else:
-            idx = [order[(step * batch + k) % len(order)] for k in range(batch)]
-            enc, keep, labels = answer_batch(processor, train[idx])
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(**enc, logits_to_keep=keep).logits[:, :-1]
-            flat = logits.float().reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
+        loss = _stage2_loss(model, processor, data, step, stage, seed)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -232,59 +180,114 @@ def stage2(
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}")
         row = {
-            "stage": 2 if name == "stage2" else name,
+            "stage": 2 if stage.name == "stage2" else stage.name,
             "step": step + 1,
             "loss": loss.item(),
             "lr": sched.get_last_lr()[0],
             "elapsed_s": time.time() - t0,
         }
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            model.eval()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                r = evaluate(model, processor, held, batch_size=32, progress=False)
-            row["heldout_acc"] = r["accuracy"]
-            row["heldout_by_type"] = {k: v["accuracy"] for k, v in r["by_type"].items()}
-            bar.write(f"step {step + 1}: held-out accuracy {r['accuracy']:.3f} {row['heldout_by_type']}")
+        if (step + 1) % stage.eval_every == 0 or step + 1 == stage.steps:
+            row |= _heldout(model, processor, held)
+            bar.write(f"step {step + 1}: held-out accuracy {row['heldout_acc']:.3f} {row['heldout_by_type']}")
         _log(log, row)
-        if (step + 1) % save_every == 0 or step + 1 == steps:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            tmp = state_file.with_suffix(".tmp")
-            torch.save(
-                {
-                    "model": reference.trainable_state(model),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "step": step + 1,
-                },
-                tmp,
-            )
-            tmp.replace(state_file)
+        if (step + 1) % stage.save_every == 0 or step + 1 == stage.steps:
+            _save(model, opt, sched, step + 1, state_file)
     bar.close()
     model.eval()
 
 
+def _train_projector_and_tower(model, stage: StageConfig) -> list[dict]:
+    """Gradients for the projector and the tower alone; their optimizer groups (the tower only at a rate > 0)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    proj = model.model.multi_modal_projector
+    tower = model.model.vision_tower
+    for p in list(proj.parameters()) + list(tower.parameters()):
+        p.requires_grad_(True)
+    groups = [{"params": list(proj.parameters()), "lr": stage.lr}]
+    if stage.tower_lr > 0:
+        groups.append({"params": list(tower.parameters()), "lr": stage.tower_lr})
+    return groups
+
+
+def _resume(model, opt, sched, state_file: Path) -> int:
+    """The step a checkpoint reached (its weights, optimizer and schedule restored), or 0."""
+    if not state_file.is_file():
+        return 0
+    state = torch.load(state_file, weights_only=True)
+    model.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return int(state["step"])
+
+
+def _save(model, opt, sched, step: int, state_file: Path) -> None:
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_file.with_suffix(".tmp")
+    state = {"model": reference.trainable_state(model), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    torch.save({**state, "step": step}, tmp)
+    tmp.replace(state_file)
+
+
+@dataclass(frozen=True)
+class _Stage2Data:
+    """The training questions in a seeded order, and the images in another (for packed conversations)."""
+
+    train: object
+    order: list[int]
+    by_image: dict[int, list[int]]
+    image_order: list[int]
+
+    @classmethod
+    def of(cls, train, seed: int) -> _Stage2Data:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        by_image: dict[int, list[int]] = {}
+        for i, im in enumerate(train["image_id"]):
+            by_image.setdefault(im, []).append(i)
+        image_order = sorted(by_image)
+        random.Random(seed + 1).shuffle(image_order)
+        return cls(train, order, by_image, image_order)
+
+
+def _stage2_loss(model, processor, data: _Stage2Data, step: int, stage: StageConfig, seed: int) -> torch.Tensor:
+    """Next-token loss on the answers of step ``step``'s questions (or packed conversations), bf16 autocast."""
+    if stage.pack:
+        rng = random.Random(seed * 1_000_003 + step)  # per step, so a resumed run sees the same data
+        convs = []
+        for k in range(stage.batch):
+            qs = data.by_image[data.image_order[(step * stage.batch + k) % len(data.image_order)]]
+            convs.append(data.train[sorted(rng.sample(qs, min(stage.pack, len(qs))))])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return packed_loss(model, *_packed_batch(processor, convs))
+    idx = [data.order[(step * stage.batch + k) % len(data.order)] for k in range(stage.batch)]
+    enc, keep, labels = answer_batch(processor, data.train[idx])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**enc, logits_to_keep=keep).logits[:, :-1]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
+
+
+def _heldout(model, processor, held) -> dict:
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = evaluate(model, processor, held, batch_size=32, progress=False)
+    return {"heldout_acc": r["accuracy"], "heldout_by_type": {k: v["accuracy"] for k, v in r["by_type"].items()}}
+
+
 def train_reference(
+    config: ReferenceTrainingConfig | None = None,
     out: Path = reference.WEIGHTS,
     work: Path = Path("runs/reference"),
-    seed: int = 0,
-    stage1_epochs: int = 12,
-    stage2_steps: int = 100,
-    stage2_schedule: int = 450,
-    packed_steps: int = 400,
-    packed_schedule: int = 800,
-    pack: int = 6,
-    batch: int = 16,
-    packed_batch: int = 4,
-    lr: float = 1e-3,
-    tower_lr: float = 1e-4,
 ) -> Path:
-    """The recipe that produced the shipped weights (see README): stage 1, then stage 2 on single
-    questions (stopped at ``stage2_steps`` of a ``stage2_schedule``-step schedule), then packed
-    multi-turn conversations (stopped at ``packed_steps`` of ``packed_schedule``): the held-out
-    accuracy had plateaued there.  Each stage resumes from its checkpoint in ``work``.
+    """Train the reference model's tower and projector as ``config`` says; write the shipped weights to ``out``.
+
+    Each stage resumes from its checkpoint in ``work``.
     """
     from safetensors.torch import load_file, save_file
 
+    config = config or ReferenceTrainingConfig()
+    seed = config.seed
     torch.manual_seed(seed)
     random.seed(seed)
     work.mkdir(parents=True, exist_ok=True)
@@ -297,40 +300,17 @@ def train_reference(
     if s1.is_file():
         model.load_state_dict(load_file(str(s1)), strict=False)
     else:
-        stage1(model, processor, log, stage1_epochs, seed)
+        stage1(model, processor, log, config.stage1_epochs, seed)
         save_file(reference.trainable_state(model), str(s1))
-    packed_state = work / "stage2b_state.pt"
+    packed_state = work / f"{config.packed.name}_state.pt"
     if not packed_state.is_file():
-        stage2(
-            model,
-            processor,
-            log,
-            stage2_steps,
-            seed,
-            work,
-            batch=batch,
-            lr=lr,
-            tower_lr=tower_lr,
-            schedule_steps=stage2_schedule,
-        )
-    if packed_steps:
+        stage2(model, processor, log, work, config.single, seed)
+    if config.packed.steps:
         if not packed_state.is_file():
-            s2 = torch.load(work / "stage2_state.pt", weights_only=True)
+            s2 = torch.load(work / f"{config.single.name}_state.pt", weights_only=True)
             model.load_state_dict(s2["model"], strict=False)
-        stage2(
-            model,
-            processor,
-            log,
-            packed_steps,
-            seed,
-            work,
-            batch=packed_batch,
-            lr=lr,
-            tower_lr=tower_lr,
-            pack=pack,
-            name="stage2b",
-            schedule_steps=packed_schedule,
-        )
+        stage2(model, processor, log, work, config.packed, seed)
+    stage2_steps, packed_steps = config.single.steps, config.packed.steps
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     meta = {"seed": str(seed), "stage2_steps": str(stage2_steps), "packed_steps": str(packed_steps)}

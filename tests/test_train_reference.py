@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from qavtp.config import StageConfig
 from qavtp.models.loading import load_model
 from qavtp.train_reference import stage1, stage2
 
@@ -19,7 +20,7 @@ def test_stage2_trains_projector_only_and_resumes(tiny_llava_dir, tmp_path):
     lm_before = {k: v.clone() for k, v in adapter.language_model.state_dict().items()}
     proj_before = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
     log, ckpt = tmp_path / "log.jsonl", tmp_path / "ckpt"
-    stage2(model, processor, log, steps=2, seed=0, ckpt=ckpt, batch=4, eval_every=2, heldout_n=6, save_every=1)
+    stage2(model, processor, log, ckpt, StageConfig(2, batch=4, eval_every=2, heldout=6, save_every=1), seed=0)
     rows = _rows(log)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
@@ -34,7 +35,7 @@ def test_stage2_trains_projector_only_and_resumes(tiny_llava_dir, tmp_path):
 
     # A second run with more steps resumes from the checkpoint instead of starting over.
     fresh, processor2, _ = load_model(tiny_llava_dir)
-    stage2(fresh, processor2, log, steps=3, seed=0, ckpt=ckpt, batch=4, eval_every=10, heldout_n=6, save_every=1)
+    stage2(fresh, processor2, log, ckpt, StageConfig(3, batch=4, eval_every=10, heldout=6, save_every=1), seed=0)
     assert [r["step"] for r in _rows(log)] == [1, 2, 3]
 
 
