@@ -275,6 +275,49 @@ def _rank(objective: str):
 
 
 @torch.no_grad()
+def _search_ratio(judge, held, base, preset, semantics, rho: float, objective: str, bar) -> tuple[dict, str]:
+    """The staged grid search at one ratio, then the held-out check against the preset: its entry and summary."""
+    curve: list[dict] = []
+    rank = _rank(objective)
+
+    def run(configs: list[FusionParams], stage: int) -> FusionParams:
+        bar.set_postfix(retain=rho, stage=stage, forwards=judge.forwards)
+        for p, m in zip(configs, judge.judge(configs, rho), strict=True):
+            curve.append({"stage": stage, "params": p.to_dict(), **dict(zip(METRICS, m, strict=True))})
+        bar.update()
+        return FusionParams.from_dict(min(curve, key=rank)["params"])
+
+    best = run(candidate_grid(base, 1, semantics=semantics), 1)
+    # Stage 2 mixes every relevance term with the sensitivity terms: the term that is best alone need not mix
+    # best (on the reference model text-l2 wins alone at 12.5 %, [CLS] attention mixed: KL 0.67 against 0.60).
+    anchors = [FusionParams.from_dict({**best.to_dict(), "semantic": s}) for s in semantics]
+    best = run([c for a in anchors for c in candidate_grid(a, 2, a)] + [preset], 2)
+    best = run(candidate_grid(base, 3, best), 3)
+    searched = best
+    check = None
+    if held is not None and best != preset:
+        check = holdout_test(held, best, preset, rho, objective)
+        best = best if check["adopted"] == "learned" else preset
+
+    def entry_of(params: FusionParams) -> dict:
+        return next(e for e in curve if e["params"] == params.to_dict())
+
+    chosen, preset_entry = entry_of(best), entry_of(preset)
+    entry = {
+        "params": best.to_dict(),
+        **{k: chosen[k] for k in METRICS},
+        "qapruner": {k: preset_entry[k] for k in METRICS},
+        "searched": searched.to_dict(),
+        "holdout": check,
+        "curve": curve,
+    }
+    key = "choice_kl" if objective == "choice-kl" else "kl"
+    msg = f"retain {rho:g}: searched {key} {entry_of(searched)[key]:.4f} vs paper preset {preset_entry[key]:.4f}"
+    if check is not None:
+        msg += f"; held-out gain z = {check['z']:.2f} over {check['n']} questions: {check['adopted']} adopted"
+    return entry, msg
+
+
 def learn_fusion(
     adapter,
     processor,
@@ -316,46 +359,12 @@ def learn_fusion(
         "dense": dict(zip(METRICS, dense, strict=True)),
         "ratios": {},
     }
-    rank = _rank(objective)
     # Three search stages per ratio; each runs every new kept set of every question once.
     bar = tqdm(total=3 * len(ratios), desc="learning fusion weights", unit="stage", disable=not progress)
+    semantics = available_semantics(adapter)
     for rho in ratios:
-        curve: list[dict] = []
-
-        def run(configs: list[FusionParams], stage: int, rho=rho, curve=curve, rank=rank) -> FusionParams:
-            bar.set_postfix(retain=rho, stage=stage, forwards=judge.forwards)
-            for p, m in zip(configs, judge.judge(configs, rho), strict=True):
-                curve.append({"stage": stage, "params": p.to_dict(), **dict(zip(METRICS, m, strict=True))})
-            bar.update()
-            return FusionParams.from_dict(min(curve, key=rank)["params"])
-
-        semantics = available_semantics(adapter)
-        best = run(candidate_grid(base, 1, semantics=semantics), 1)
-        # Stage 2 mixes every relevance term with the sensitivity terms: the term that is best alone need not mix
-        # best (on the reference model text-l2 wins alone at 12.5 %, [CLS] attention mixed: KL 0.67 against 0.60).
-        anchors = [FusionParams.from_dict({**best.to_dict(), "semantic": s}) for s in semantics]
-        best = run([c for a in anchors for c in candidate_grid(a, 2, a)] + [preset], 2)
-        best = run(candidate_grid(base, 3, best), 3)
-        searched = best
-        check = None
-        if held is not None and best != preset:
-            check = holdout_test(held, best, preset, rho, objective)
-            best = best if check["adopted"] == "learned" else preset
-        chosen = next(e for e in curve if e["params"] == best.to_dict())
-        preset_entry = next(e for e in curve if e["params"] == preset.to_dict())
-        result["ratios"][ratio_key(rho)] = {
-            "params": best.to_dict(),
-            **{k: chosen[k] for k in METRICS},
-            "qapruner": {k: preset_entry[k] for k in METRICS},
-            "searched": searched.to_dict(),
-            "holdout": check,
-            "curve": curve,
-        }
-        key = "choice_kl" if objective == "choice-kl" else "kl"
-        searched_entry = next(e for e in curve if e["params"] == searched.to_dict())
-        msg = f"retain {rho:g}: searched {key} {searched_entry[key]:.4f} vs paper preset {preset_entry[key]:.4f}"
-        if check is not None:
-            msg += f"; held-out gain z = {check['z']:.2f} over {check['n']} questions: {check['adopted']} adopted"
+        entry, msg = _search_ratio(judge, held, base, preset, semantics, rho, objective, bar)
+        result["ratios"][ratio_key(rho)] = entry
         bar.write(msg)
     bar.close()
     result["forwards"] = judge.forwards + (held.forwards if held else 0)
