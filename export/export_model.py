@@ -15,15 +15,17 @@ from pathlib import Path
 
 import onnx
 
-from qavtp.calibrate.artifact import read_config
+from qavtp.calibrate.artifact import fingerprint, load_artifact, read_config
 from qavtp.calibrate.artifact_config import ArtifactConfig, fusion_params
 from qavtp.config import ExportConfig
+from qavtp.data.prompts import chat_prompt, vqa_text
 from qavtp.errors import QavtpError
 from qavtp.export.external_data import WeightStore, to_model
 from qavtp.export.llava_graph import check_supported
 from qavtp.export.onnx_graph import Graph
 from qavtp.export.prefill_decode import build_decode, build_prefill
 from qavtp.io import atomic_dir
+from qavtp.models.loading import load_model, resolve
 from qavtp.pruning import keep_count
 from qavtp.scoring import qapruner_params
 
@@ -61,8 +63,6 @@ def _n_visual(model) -> int:
 
 def _prompt_parts(processor) -> tuple[str, str]:
     """The chat prompt around a question: ``prefix + question + suffix`` is what ``qavtp eval`` feeds the model."""
-    from qavtp.data.prompts import chat_prompt, vqa_text
-
     text = chat_prompt(processor, vqa_text(SENTINEL), with_image=True)
     if text.count(SENTINEL) != 1:
         raise QavtpError("the chat template does not place the question exactly once; cannot record the prompt format")
@@ -80,17 +80,11 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def _load(source: str, cache_dir):
     """``(model, processor, adapter, artifact config or None, source record)``."""
-    from qavtp.calibrate.artifact import fingerprint
-
     if is_artifact(source):
-        from qavtp.calibrate.artifact import load_artifact
-
         model, processor, adapter, cfg = load_artifact(source)
         record = {"kind": "artifact", "path": str(Path(source).resolve()), "fingerprint": fingerprint(source)}
         record["model_fingerprint"] = cfg.source.fingerprint
         return model, processor, adapter, cfg, record
-    from qavtp.models.loading import load_model, resolve
-
     path = resolve(source, cache_dir)
     model, processor, adapter = load_model(path, "fp32")
     return model, processor, adapter, None, {"kind": "model", "path": str(path), "fingerprint": fingerprint(path)}

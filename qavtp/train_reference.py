@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qavtp.config import ReferenceTrainingConfig, StageConfig
-from qavtp.data.easyvqa import COLORS, SHAPES, image_labels, load_easyvqa
+from qavtp.data.easyvqa import COLORS, SHAPES, image_labels, image_path, load_easyvqa
+from qavtp.data.prompts import chat_prompt
 from qavtp.evaluate import evaluate
 from qavtp.models import reference
 from qavtp.prompting import position_ids
@@ -102,8 +103,6 @@ def stage1(model, processor, log: Path, epochs: int, seed: int, lr: float = 1e-3
 
 
 def reference_image(i: int) -> str:
-    from qavtp.data.easyvqa import image_path
-
     return image_path("train", i)
 
 
@@ -114,8 +113,6 @@ def _packed_batch(processor, convs):
     Returns the model inputs and, per answer token (and its <|im_end|>), the (row, position)
     whose hidden state predicts it and the token itself.
     """
-    from qavtp.data.prompts import chat_prompt
-
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
     texts, images, answers = [], [], []
