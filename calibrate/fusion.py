@@ -274,7 +274,6 @@ def _rank(objective: str):
     return lambda e: (-e["accuracy"], e["kl"])
 
 
-@torch.no_grad()
 def _search_ratio(judge, held, base, preset, semantics, rho: float, objective: str, bar) -> tuple[dict, str]:
     """The staged grid search at one ratio, then the held-out check against the preset: its entry and summary."""
     curve: list[dict] = []
@@ -318,6 +317,7 @@ def _search_ratio(judge, held, base, preset, semantics, rho: float, objective: s
     return entry, msg
 
 
+@torch.no_grad()
 def learn_fusion(
     adapter,
     processor,
