@@ -69,45 +69,19 @@ def sweep(model: str | None, artifact: str | None, dataset, spec: SweepSpec, cac
     runs: list[dict] = []
     if spec.fp_scorers is not None:
         source = cfg.source.model if model is None else model
-        net, processor, adapter = load_model_or_artifact(source, None, spec.dtype, cache_dir)
-        runs += run_sweep(
-            net,
-            adapter,
-            processor,
-            dataset,
-            list(spec.ratios),
-            list(spec.fp_scorers),
-            "FP",
-            None,
-            spec.batch_size,
-            spec.seed,
-            layer=spec.layer,
-        )
-        del net, adapter
-        gc.collect()
-    net, processor, adapter = load_model_or_artifact(model, artifact, spec.dtype, cache_dir)
-    label = cfg.label if cfg else "FP"
-    runs += run_sweep(
-        net,
-        adapter,
-        processor,
-        dataset,
-        list(spec.ratios),
-        list(spec.scorers),
-        label,
-        cfg,
-        spec.batch_size,
-        spec.seed,
-        layer=spec.layer,
-    )
-    md = [
-        "Accuracy (%) ± half the 95 % Wilson interval; columns: visual tokens kept.",
-        "",
-        paper_table(runs, list(spec.ratios)),
-    ]
+        runs += _sweep_model(source, None, None, "FP", spec.fp_scorers, dataset, spec, cache_dir)
+        gc.collect()  # the floating-point model goes before the quantized one is built
+    runs += _sweep_model(model, artifact, cfg, cfg.label if cfg else "FP", spec.scorers, dataset, spec, cache_dir)
+    head = "Accuracy (%) ± half the 95 % Wilson interval; columns: visual tokens kept."
+    md = [head, "", paper_table(runs, list(spec.ratios))]
     if cfg and cfg.fusion:
         md += ["#### Learned fusion weights", "", fusion_table(cfg)]
     return runs, "\n".join(md)
+
+
+def _sweep_model(model, artifact, cfg, label: str, scorers, dataset, spec: SweepSpec, cache_dir) -> list[dict]:
+    net, processor, adapter = load_model_or_artifact(model, artifact, spec.dtype, cache_dir)
+    return run_sweep(net, adapter, processor, dataset, spec, list(scorers), label, cfg)
 
 
 def write_sweep(out: Path, runs: list[dict], report: str, dataset, spec: SweepSpec, config: dict) -> list[str]:
@@ -131,20 +105,18 @@ def run_sweep(
     adapter,
     processor,
     dataset,
-    ratios: list[float],
+    spec: SweepSpec,
     scorers: list[str],
     label: str,
     cfg: ArtifactConfig | None = None,
-    batch_size: int = 16,
-    seed: int = 0,
     progress: bool = True,
-    layer: int = 0,
 ) -> list[dict]:
-    """One evaluation per (ratio, scorer); ratio 1 is the dense model, evaluated once.
+    """One evaluation per (ratio, scorer) of ``spec``; ratio 1 is the dense model, evaluated once.
 
     ``cfg`` is the artifact config: the learned fusion weights of each ratio (scorer ``qavtp``; the
     sensitivity terms of the ablation use its quantizer and direction) and the deployed activation quantizer.
     """
+    ratios, layer, seed, batch_size = list(spec.ratios), spec.layer, spec.seed, spec.batch_size
     check_layer(len(adapter.decoder_layers), layer)
     check_fusion(cfg, scorers, ratios)
     probe = dataset[0]
