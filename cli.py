@@ -40,6 +40,9 @@ class _Group(click.Group):
         except QavtpError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(2)
+        except click.UsageError as e:  # a flag's value out of its range or choices: one line too
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(2)
 
 
 # The command line is the only place that knows flag names: each command maps its flags to config fields
@@ -478,10 +481,11 @@ def eval_cmd(
 ):
     """Accuracy of MODEL (a local LLaVA directory or smollava-easyvqa) on a VQA data set."""
     from qavtp.calibrate.artifact import read_config
-    from qavtp.data import load_data, parse_columns
+    from qavtp.data import data_path, load_data, parse_columns
     from qavtp.eval_job import evaluate_one, title
     from qavtp.evaluate import markdown_table
-    from qavtp.io import atomic_write_json, atomic_write_text
+    from qavtp.io import atomic_write_json, atomic_write_text, check_output
+    from qavtp.models.loading import check_checkpoint
     from qavtp.sweep import SweepSpec, check_fusion, parse_scorers, sweep, write_sweep
 
     if retain is not None and not parse_ratios(retain):
@@ -498,6 +502,11 @@ def eval_cmd(
         e = EvalConfig(
             retain, tuple(parse_scorers(scorer)), layer_k, mode, dtype, batch_size, seed, with_fp, fp, device
         )
+    if model and model != DEFAULT_MODEL:
+        check_checkpoint(Path(model))  # a missing or foreign model says so before the data set is loaded
+    if output:  # a sweep replaces the directory (results, plots): it must be an earlier results directory
+        inputs = [model if model != DEFAULT_MODEL else None, artifact, data_path(data_spec)]
+        check_output(output, "results", inputs, overwrite=True)
     check_fusion(read_config(artifact) if artifact else None, list(e.scorers), list(e.ratios))  # before any loading
     ds = load_data(data_spec, split, limit, seed, parse_columns(columns), keep_no_image)
     described = dict(data=data_spec, split=split, limit=limit, seed=seed, dtype=dtype)
@@ -527,7 +536,7 @@ def eval_cmd(
 @click.argument("export_dir", type=click.Path())
 @click.option("--data", "data_spec", default="easy-vqa", show_default=True, help="A VQA data set (question column).")
 @click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=int, default=200, show_default=True, help="Seeded random subset (0: all).")
+@click.option("--limit", type=click.IntRange(0), default=200, show_default=True, help="Seeded random subset (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--compare", is_flag=True, help="Also evaluate the torch model the export came from; report agreement.")
@@ -536,16 +545,18 @@ def eval_cmd(
 @cache_option
 def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, output, runtime, cache_dir):
     """Accuracy of an exported model (onnxruntime or OpenVINO), optionally next to the torch model it came from."""
-    from qavtp.data import load_data
+    from qavtp.data import data_path, load_data
     from qavtp.export.accuracy import compare as agreement
     from qavtp.export.accuracy import evaluate_export
     from qavtp.export.session import ExportedModel
     from qavtp.export.torch_reference import evaluate_like_export
-    from qavtp.io import atomic_write_json
+    from qavtp.io import atomic_write_json, check_output
     from qavtp.metrics import markdown_table
 
     if batch_size < 1:
         raise QavtpError(f"--batch-size must be at least 1, got {batch_size}")
+    if output:
+        check_output(output, "results", [export_dir, data_path(data_spec)], overwrite=True)
     em = ExportedModel(export_dir, runtime=runtime)
     ds = load_data(data_spec, split, limit or None, seed)
     if "question" not in ds.column_names:
@@ -583,17 +594,24 @@ def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, ou
 @main.command()
 @click.argument("model", default=None, required=False)
 @click.option("--artifact", type=click.Path(), default=None, help="A calibration artifact to evaluate.")
-@click.option("--seq-len", type=int, default=512, show_default=True)
-@click.option("--windows", type=int, default=32, show_default=True, help="Number of seq-len windows (0: all).")
+@click.option("--seq-len", type=click.IntRange(2, 131072), default=512, show_default=True)
+@click.option(
+    "--windows", type=click.IntRange(0, 1_000_000), default=32, show_default=True, help="seq-len windows (0: all)."
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON here.")
 @cache_option
 def ppl(model, artifact, seq_len, windows, output, cache_dir):
     """Perplexity of the LLM inside MODEL (or an artifact) on an offline text corpus."""
     from qavtp.calibrate.artifact import load_model_or_artifact
-    from qavtp.io import atomic_write_json
+    from qavtp.io import atomic_write_json, check_writable
     from qavtp.perplexity import perplexity
 
+    if output:
+        check_writable(Path(output).parent)
     net, processor, _ = load_model_or_artifact(model, artifact, "fp32", cache_dir)
+    longest = int(getattr(net.config.get_text_config(), "max_position_embeddings", seq_len))
+    if seq_len > longest:
+        raise QavtpError(f"--seq-len {seq_len} is longer than the model's {longest} positions")
     res = perplexity(net, processor.tokenizer, seq_len=seq_len, max_chunks=windows or None)
     res["model"] = str(artifact or model or DEFAULT_MODEL)
     click.echo(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens of {res['corpus']}")
@@ -644,7 +662,7 @@ def export_cmd(source, output, retain, scorer, fmt, accuracy_level, overwrite, c
 @click.option("--image", type=click.Path(dir_okay=False), required=True)
 @click.option("--question", required=True)
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(1, 4096), default=None, help="Intra-op threads (default: all cores).")
 @runtime_option
 def run_cmd(export_dir, image, question, max_new_tokens, threads, runtime):
     """Answer QUESTION about IMAGE with an exported model (onnxruntime or OpenVINO; torch is never imported)."""
@@ -652,6 +670,10 @@ def run_cmd(export_dir, image, question, max_new_tokens, threads, runtime):
 
     if not Path(export_dir).is_dir():
         raise QavtpError(f"export directory not found: {export_dir}")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise QavtpError("--question is not valid UTF-8 text") from None
     im = load_image(image)
     model = ExportedModel(export_dir, threads=threads, profile=runtime == "onnxruntime", runtime=runtime)
     gen = model.generate(im, question, max_new_tokens)

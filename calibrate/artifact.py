@@ -26,7 +26,7 @@ from qavtp.calibrate.rotation import install_online_transforms
 from qavtp.calibrate.vocab import install_quant_vocab
 from qavtp.data import load_data
 from qavtp.errors import QavtpError
-from qavtp.io import atomic_dir
+from qavtp.io import atomic_dir, sha256_file
 from qavtp.models.loading import load_model, resolve
 from qavtp.models.reference import NAME as DEFAULT_MODEL
 
@@ -86,6 +86,7 @@ def save_artifact(
         raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
     with atomic_dir(out) as tmp:
         save_file(_stored_state(model, _prefixes(config)), str(tmp / WEIGHTS))
+        config = replace(config, weights_sha256=sha256_file(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if extras is not None:
             extras(tmp)
@@ -117,6 +118,11 @@ def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike 
     """The calibrated model: the source checkpoint, rebuilt with the artifact's modules and weights."""
     d = Path(artifact_dir)
     cfg = read_config(d)
+    if cfg.weights_sha256 is not None and sha256_file(d / WEIGHTS) != cfg.weights_sha256:
+        raise QavtpError(
+            f"{d / WEIGHTS} does not match the digest in {d / CONFIG}: the weights were changed, truncated or come "
+            "from another artifact"
+        )
     src = cfg.source
     path = resolve(model_dir or src.model, src.cache_dir)
     model, processor, adapter = load_model(path, dtype)
@@ -138,20 +144,30 @@ def load_artifact(artifact_dir: str | os.PathLike, model_dir: str | os.PathLike 
     for name in cfg.calibration.quantized:
         rel = name[len("layers.") :]
         parent_name, _, attr = rel.rpartition(".")
+        try:
+            lin = getattr(layers.get_submodule(parent_name), attr, None)
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, torch.nn.Linear):
+            raise QavtpError(f"artifact {d} quantized {name}, which {path} does not have (another model's?)")
         parent = layers.get_submodule(parent_name)
-        lin = getattr(parent, attr)
         spec = replace(aspec, bits=8) if name in eight else aspec
         setattr(parent, attr, QuantLinear(lin.in_features, lin.out_features, wspec, spec, bias=lin.bias is not None))
     try:
         state = load_file(str(d / WEIGHTS))
     except Exception as e:  # safetensors raises several error types for a damaged file
         raise QavtpError(f"corrupt artifact weights {d / WEIGHTS}: {e}") from None
-    for k in [k for k in state if k.endswith(".qweight_int4")]:
-        base = k[: -len("_int4")]
-        owner = model.get_submodule(base.rsplit(".", 1)[0])
-        spec = owner.wspec
-        state[base] = unpack_int4(state.pop(k), signed=spec.symmetric, n=owner.qweight.shape[-1]).to(spec.code_dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        for k in [k for k in state if k.endswith(".qweight_int4")]:
+            base = k[: -len("_int4")]
+            owner = model.get_submodule(base.rsplit(".", 1)[0])
+            spec = owner.wspec
+            codes = unpack_int4(state.pop(k), signed=spec.symmetric, n=owner.qweight.shape[-1])
+            state[base] = codes.to(spec.code_dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (AttributeError, RuntimeError, QavtpError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise QavtpError(f"artifact {d}: its weights do not fit {path}'s shapes (another model's?): {first}") from None
     if unexpected:
         raise QavtpError(f"artifact {d} holds tensors this model lacks, e.g. {unexpected[0]}")
     lacking = [k for k in missing if k.startswith(_prefixes(cfg))]

@@ -242,6 +242,7 @@ class ArtifactConfig:
     alignment: dict | None = None  # the projector alignment's record (steps, held-out KL, curve ...)
     fusion: Fusion | None = None
     aligned_from: str | None = None  # the artifact ``qavtp align`` started from
+    weights_sha256: str | None = None  # of quantized.safetensors, checked at load (older artifacts have none)
     extra: dict = field(default_factory=dict)  # keys a newer writer of the same schema added: kept as they are
 
     @classmethod
@@ -256,7 +257,7 @@ class ArtifactConfig:
             )
         fusion = _section(d, "fusion", "config", optional=True)
         known = {"schema_version", "qavtp_version", "created", "source", "data", "options", "calibration"}
-        known |= {"alignment", "fusion", "aligned_from"}
+        known |= {"alignment", "fusion", "aligned_from", "weights_sha256"}
         return cls(
             source=Source.from_dict(_section(d, "source", "config")),
             data=CalibrationData.from_dict(_section(d, "data", "config")),
@@ -267,6 +268,7 @@ class ArtifactConfig:
             alignment=_section(d, "alignment", "config", optional=True),
             fusion=Fusion.from_dict(fusion) if fusion else None,
             aligned_from=_get(d, "aligned_from", str, "config", None),
+            weights_sha256=_get(d, "weights_sha256", str, "config", None),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
@@ -280,6 +282,8 @@ class ArtifactConfig:
             out["fusion"] = self.fusion.to_dict()
         if self.aligned_from is not None:
             out["aligned_from"] = self.aligned_from
+        if self.weights_sha256 is not None:
+            out["weights_sha256"] = self.weights_sha256
         return out | self.extra
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -27,10 +28,11 @@ from qavtp.calibrate.quantizers import QuantSpec
 from qavtp.calibrate.stats import observe_vision
 from qavtp.calibrate.vocab import quantize_vocab
 from qavtp.config import CalibrationConfig, QuantConfig
-from qavtp.data import load_data
+from qavtp.data import data_path, load_data
 from qavtp.device import describe, peak_mib, reset_peak, resolve_device
-from qavtp.errors import QavtpError
+from qavtp.io import check_output
 from qavtp.models.loading import load_model, resolve
+from qavtp.models.reference import NAME, cache_root
 
 
 def kv_spec(quant: QuantConfig) -> QuantSpec | None:
@@ -48,17 +50,24 @@ def run_calibration(
     progress: bool = True,
 ) -> Path:
     """Calibrate ``model`` as ``config`` says and write the artifact to ``output``; returns its path."""
-    if Path(output).exists() and not overwrite:
-        raise QavtpError(f"output directory {output} exists; pass --overwrite to replace it")
+    inputs = [None if str(model) == NAME else model, cache_root(cache_dir), data_path(config.data)]
+    check_output(output, "artifact", inputs, overwrite)
     quant, fusion = config.quant, config.fusion
     dev = resolve_device(config.device)
     torch.manual_seed(config.seed)
     path = resolve(model, cache_dir)
+    check_output(output, "artifact", [path], overwrite)
     net, processor, adapter = load_model(path)
     wspec, aspec = quant_specs(quant, adapter)  # group sizes and --a8 checked before any data is loaded
     if quant.a8:
         parse_a8(quant.a8, len(adapter.decoder_layers))
     ds = load_data(config.data, "train", limit=config.n_samples, seed=config.seed)
+    if len(ds) < config.n_samples:
+        print(
+            f"qavtp: the data set has {len(ds)} training questions; calibrating on all of them, not on "
+            f"{config.n_samples}",
+            file=sys.stderr,
+        )
     batches = calibration_batches(processor, ds, config.batch_size)
     t0 = time.time()
     # The KL objective's target is the floating-point model's answer distribution: taken before calibration.

@@ -24,8 +24,9 @@ from qavtp.calibrate.fusion import fusion_targets, learn_fusion
 from qavtp.config import AlignConfig, ConfigError, FusionConfig
 from qavtp.device import describe, resolve_device, visiting
 from qavtp.errors import QavtpError
-from qavtp.io import atomic_write_json
+from qavtp.io import atomic_write_json, check_output
 from qavtp.models.loading import load_model, resolve
+from qavtp.models.reference import NAME
 
 
 def align_artifact(
@@ -52,9 +53,10 @@ def align_artifact(
         raise QavtpError(f"--device {device} aligns the dense model only (--retain 1); pruned ratios align on the CPU")
     dev = resolve_device(device)
     src, out = Path(artifact_dir), Path(output)
-    if out.exists() and not overwrite:
-        raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
-    path = resolve(read_config(src).source.model, cache_dir)  # read_config checks the schema
+    source = read_config(src).source  # read_config checks the schema
+    check_output(out, "artifact", [src, None if source.model == NAME else source.model], overwrite)
+    path = resolve(source.model, cache_dir)
+    check_output(out, "artifact", [path], overwrite)
     model, processor, adapter, cfg = load_artifact(src, path)  # and this the source model's fingerprint
     teacher, _, _ = load_model(path)
     before = cfg.alignment

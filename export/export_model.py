@@ -24,8 +24,9 @@ from qavtp.export.external_data import WeightStore, to_model
 from qavtp.export.llava_graph import check_supported
 from qavtp.export.onnx_graph import Graph
 from qavtp.export.prefill_decode import build_decode, build_prefill
-from qavtp.io import atomic_dir
+from qavtp.io import atomic_dir, check_output, sha256_file
 from qavtp.models.loading import load_model, resolve
+from qavtp.models.reference import NAME, cache_root
 from qavtp.pruning import keep_count
 from qavtp.scoring import qapruner_params
 
@@ -145,9 +146,10 @@ def export_model(
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Export ``source`` (an artifact directory, a LLaVA checkpoint or ``smollava-easyvqa``) to ``out_dir``."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
+    out = check_output(out_dir, "export", [None if source == NAME else source, cache_root(cache_dir)], overwrite)
+    if is_artifact(source):
+        model = read_config(source).source.model
+        check_output(out, "export", [None if model == NAME else model], overwrite)
     if config.retain < 1 and config.scorer == "qavtp":
         if not is_artifact(source):
             raise QavtpError(
@@ -224,5 +226,7 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
         finally:
             store.close()
         processor.save_pretrained(tmp)
+        # What qavtp run / eval-onnx verify before running: a swapped or truncated file is one line, not garbage.
+        meta["digests"] = {name: sha256_file(tmp / name) for name in (PREFILL, DECODE, WEIGHTS)}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return out

@@ -13,6 +13,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 from qavtp.errors import QavtpError
+from qavtp.io import sha256_file
 
 META = "export.json"
 RUNTIMES = ("onnxruntime", "openvino")
@@ -34,30 +36,119 @@ OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROU
 # ------------------------------------------------------------------------------------- model files
 
 
+def confined(root: str | os.PathLike, name: object, what: str) -> Path:
+    """``root / name`` for a plain file name whose target, symlinks resolved, stays inside ``root``; else one line."""
+    d = Path(root)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise QavtpError(f"{d / META}: {what} must be a file name inside the export folder, got {name!r}")
+    path = d / name
+    if not path.resolve().is_relative_to(d.resolve()):
+        raise QavtpError(f"{d}: {what} {name} points outside the export folder ({path.resolve()})")
+    return path
+
+
+def _tensors(graph) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers, sparse ones, Constant and other node attributes, subgraphs'."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node) -> Iterator[onnx.TensorProto]:
+    for a in node.attribute:
+        if a.HasField("t"):
+            yield a.t
+        yield from a.tensors
+        for sparse in [a.sparse_tensor] * a.HasField("sparse_tensor") + list(a.sparse_tensors):
+            yield from (sparse.values, sparse.indices)
+        for sub in [a.g] * a.HasField("g") + list(a.graphs):
+            yield from _tensors(sub)
+
+
 def check_external_data(model_path: str | os.PathLike) -> None:
-    """Refuse a graph whose initializers point outside its directory (absolute paths, ``..``, symlinks out)."""
+    """Refuse a graph with a tensor anywhere (initializers, Constant nodes, sparse tensors, subgraphs, functions)
+    whose external data lies outside its directory (absolute paths, ``..``, symlinks out)."""
     path = Path(model_path)
     root = path.parent.resolve()
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises several types for a damaged file
         raise QavtpError(f"cannot read ONNX graph {path}: {e}") from None
-    for t in model.graph.initializer:
+    tensors = list(_tensors(model.graph))
+    tensors += [t for f in model.functions for n in f.node for t in _node_tensors(n)]
+    for t in tensors:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         loc = next((e.value for e in t.external_data if e.key == "location"), None)
         if not loc:
-            raise QavtpError(f"{path.name}: initializer {t.name} has external data without a location")
+            raise QavtpError(f"{path.name}: tensor {t.name} has external data without a location")
         p = Path(loc)
-        if p.is_absolute() or loc.startswith(("/", "\\")) or ".." in p.parts or ":" in loc:
-            raise QavtpError(
-                f"{path.name}: initializer {t.name} reads external data outside the model directory ({loc})"
-            )
-        target = (root / p).resolve()
-        if not target.is_relative_to(root):
-            raise QavtpError(
-                f"{path.name}: initializer {t.name} reads external data outside the model directory ({loc})"
-            )
+        outside = p.is_absolute() or loc.startswith(("/", "\\")) or ".." in p.parts or ":" in loc
+        if outside or not (root / p).resolve().is_relative_to(root):
+            raise QavtpError(f"{path.name}: tensor {t.name} reads external data outside the model directory ({loc})")
+
+
+# The fields of export.json that running an export reads, with their types (None: may be null).
+_META_FIELDS: dict[str, dict[str, tuple]] = {
+    "files": {"prefill": (str,), "decode": (str,), "weights": (str,)},
+    "pruning": {"retain": (int, float), "n_visual": (int,), "k": (int,), "scorer": (str, type(None))},
+    "model": {
+        "image_token": (str,),
+        "image_token_id": (int,),
+        "image_size": (int,),
+        "num_layers": (int,),
+        "num_kv_heads": (int,),
+        "head_dim": (int,),
+        "vocab_size": (int,),
+        "max_sequence_length": (int,),
+        "eos_token_ids": (list,),
+        "pad_token_id": (int, type(None)),
+    },
+    "prompt": {"prefix": (str,), "suffix": (str,)},
+}
+
+
+_POSITIVE = ("image_size", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_sequence_length")
+
+
+def check_meta(meta: object, where: Path) -> dict:
+    """``export.json`` with every field that running the export reads present and of its type; else one line."""
+    if not isinstance(meta, dict):
+        raise QavtpError(f"{where} must hold a JSON object, got {type(meta).__name__}")
+    for section, fields in _META_FIELDS.items():
+        part = meta.get(section)
+        if not isinstance(part, dict):
+            raise QavtpError(f"{where} lacks the {section!r} section (a damaged or foreign export.json)")
+        for key, kinds in fields.items():
+            value = part.get(key, ...)
+            if value is ... or isinstance(value, bool) or not isinstance(value, kinds):
+                got = "nothing" if value is ... else repr(value)
+                raise QavtpError(f"{where}: {section}.{key} has the wrong type or is missing (got {got})")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in meta["model"]["eos_token_ids"]):
+        raise QavtpError(f"{where}: model.eos_token_ids must be a list of token ids")
+    counts = {f"model.{k}": meta["model"][k] for k in _POSITIVE} | {
+        f"pruning.{k}": meta["pruning"][k] for k in ("k", "n_visual")
+    }
+    for name, value in counts.items():
+        if value < 1:
+            raise QavtpError(f"{where}: {name} must be at least 1, got {value}")
+    if not 0 < meta["pruning"]["retain"] <= 1 or meta["pruning"]["k"] > meta["pruning"]["n_visual"]:
+        raise QavtpError(f"{where}: pruning keeps {meta['pruning']['k']} of {meta['pruning']['n_visual']} tokens")
+    for key in ("image_token_id", "pad_token_id"):
+        if (meta["model"][key] or 0) < 0:
+            raise QavtpError(f"{where}: model.{key} must not be negative")
+    runtime = meta.get("onnxruntime", {})
+    config = runtime.get("session_config", {}) if isinstance(runtime, dict) else None
+    if not isinstance(config, dict) or not all(isinstance(v, str) for v in config.values()):
+        raise QavtpError(f"{where}: onnxruntime.session_config must map option names to strings")
+    if not isinstance(meta.get("source", {}), dict):
+        raise QavtpError(f"{where}: source must be an object")
+    digests = meta.get("digests", {})
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise QavtpError(f"{where}: digests must map file names to SHA-256 hex strings")
+    return meta
 
 
 def read_meta(model_dir: str | os.PathLike) -> dict:
@@ -66,9 +157,24 @@ def read_meta(model_dir: str | os.PathLike) -> dict:
     if not f.is_file():
         raise QavtpError(f"{d} is not a qavtp export (no {META}); create one with qavtp export")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QavtpError(f"{f} is not valid JSON: {e}") from None
+    return check_meta(meta, f)
+
+
+def check_digests(model_dir: Path, meta: dict) -> None:
+    """Every file ``export.json`` records a digest of must still hash to it: a swapped, truncated or edited weights
+    file or graph is one line, not garbage answers (older exports record none)."""
+    for name, digest in meta.get("digests", {}).items():
+        path = confined(model_dir, name, "a digested file")
+        if not path.is_file():
+            raise QavtpError(f"{model_dir} lacks {name}")
+        if sha256_file(path) != digest:
+            raise QavtpError(
+                f"{path} does not match the digest export.json recorded for it: the file was changed, truncated or "
+                "comes from another export; export again"
+            )
 
 
 # ---------------------------------------------------------------------------------------- image
@@ -76,13 +182,16 @@ def read_meta(model_dir: str | os.PathLike) -> dict:
 
 def _image_config(model_dir: Path) -> dict:
     for name in ("preprocessor_config.json", "processor_config.json"):
-        f = model_dir / name
+        f = confined(model_dir, name, "the image processor configuration")
         if f.is_file():
-            cfg = json.loads(f.read_text())
-            cfg = cfg.get("image_processor", cfg)
-            if "image_mean" in cfg or "do_normalize" in cfg:
+            try:
+                cfg = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise QavtpError(f"{f} is not valid JSON: {e}") from None
+            cfg = cfg.get("image_processor", cfg) if isinstance(cfg, dict) else None
+            if isinstance(cfg, dict) and ("image_mean" in cfg or "do_normalize" in cfg):
                 return cfg
-    raise QavtpError(f"{model_dir} has no image processor configuration")
+    raise QavtpError(f"{model_dir} has no image processor configuration (preprocessor_config.json)")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -91,6 +200,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         im.load()
     except FileNotFoundError:
         raise QavtpError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise QavtpError(f"{path} is too large to decode safely: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise QavtpError(f"{path} is not a readable image ({type(e).__name__})") from None
     return im
@@ -160,7 +271,13 @@ class PromptEncoder:
     def __init__(self, model_dir: Path, meta: dict):
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        path = confined(model_dir, "tokenizer.json", "the tokenizer")
+        if not path.is_file():
+            raise QavtpError(f"{model_dir} lacks tokenizer.json, the tokenizer the export runs with")
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a damaged file
+            raise QavtpError(f"{path} is not a readable tokenizer: {str(e).splitlines()[0][:200]}") from None
         self.prefix, self.suffix = meta["prompt"]["prefix"], meta["prompt"]["suffix"]
         self.add_special = bool(meta["prompt"].get("add_special_tokens", True))
         self.image_token = meta["model"]["image_token"]
@@ -213,11 +330,22 @@ class _OnnxruntimeGraph:
         if profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = profile_prefix
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise QavtpError(f"onnxruntime cannot load {path}: {first}") from None
         self.names = [o.name for o in self.session.get_outputs()]
+        self.path = path
 
     def __call__(self, feeds: dict) -> dict:
-        return dict(zip(self.names, self.session.run(None, feeds), strict=True))
+        try:
+            return dict(zip(self.names, self.session.run(None, feeds), strict=True))
+        except Exception as e:  # a graph that export.json does not describe (other inputs, shapes, layers)
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise QavtpError(
+                f"onnxruntime failed to run {self.path.name} ({first}): export.json does not match it"
+            ) from None
 
 
 class _OpenVINOGraph:
@@ -268,10 +396,13 @@ class ExportedModel:
         self.dir = Path(model_dir)
         self.meta = read_meta(self.dir)
         files = self.meta["files"]
+        for key in ("prefill", "decode", "weights"):
+            confined(self.dir, files[key], f"files.{key}")
         for name in (files["prefill"], files["decode"]):
             if not (self.dir / name).is_file():
                 raise QavtpError(f"{self.dir} lacks {name}")
             check_external_data(self.dir / name)
+        check_digests(self.dir, self.meta)
         self.image_cfg = _image_config(self.dir)
         self.text = PromptEncoder(self.dir, self.meta)
         self._profile_dir = tempfile.TemporaryDirectory(prefix="qavtp-profile-") if profile else None

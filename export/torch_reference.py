@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from qavtp.calibrate.artifact import load_model_or_artifact
+from qavtp.errors import QavtpError
 from qavtp.evaluate import Pruning, evaluate
 from qavtp.scoring import FusionParams
 
 
 def torch_like_export(meta: dict, cache_dir=None, dtype: str = "fp32"):
     """``(model, processor, pruning or None)`` of the torch (fake-quant) model that ``export.json`` ``meta`` names."""
-    src = meta["source"]
+    src = meta.get("source")
+    if (
+        not isinstance(src, dict)
+        or src.get("kind") not in ("artifact", "model")
+        or not isinstance(src.get("path"), str)
+    ):
+        raise QavtpError("export.json does not say which artifact or model the export came from (source)")
     artifact = src["kind"] == "artifact"
     net, processor, adapter = load_model_or_artifact(
         None if artifact else src["path"], src["path"] if artifact else None, dtype, cache_dir

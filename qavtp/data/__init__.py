@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from datasets import Dataset
 
 from qavtp.errors import QavtpError
@@ -20,6 +22,12 @@ def parse_columns(spec: str | None) -> dict[str, str] | None:
         k, v = part.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def data_path(spec: str) -> Path | None:
+    """The directory a data spec reads (``local:DIR``, ``scienceqa:DIR``), None for the packaged data sets."""
+    kind, _, path = spec.partition(":")
+    return Path(path) if kind in ("local", "scienceqa") and path else None
 
 
 def load_data(
