@@ -125,18 +125,18 @@ def check_output(
             raise QavtpError(
                 f"output {out} is not a qavtp {kind} (no {' + '.join(MARKERS[kind])}); refusing to replace it"
             )
-    check_writable(out.parent)
+    check_writable(out.parent, out)
     return out
 
 
-def check_writable(directory: str | os.PathLike) -> None:
-    """The nearest existing ancestor of ``directory`` must be a directory this process may write to."""
+def check_writable(directory: str | os.PathLike, output: str | os.PathLike | None = None) -> None:
+    """The nearest existing ancestor of ``directory`` (where ``output`` goes) must be a writable directory."""
     d = Path(directory).absolute()
     probe = d
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise QavtpError(f"cannot create {d}: {probe} is a file, not a directory")
+        raise QavtpError(f"cannot create {output or d}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise QavtpError(f"cannot write to {probe}: permission denied")
 
