@@ -16,6 +16,7 @@ from qavtp.calibrate.recipes import RECIPES, apply_recipe
 from qavtp.config import (
     OBJECTIVES,
     POSITIONS,
+    PRECISIONS,
     AlignConfig,
     CalibrationConfig,
     ConfigError,
@@ -83,10 +84,12 @@ CALIBRATE_FIELDS = {
     "align_vision_lr": ("align.vision_lr", "--align-vision-lr"),
     "align_scale_lr": ("align.scale_lr", "--align-scale-lr"),
     "align_positions": ("align.positions", "--align-positions"),
+    "align_precision": ("align.precision", "--align-precision"),
 }
 NEGATED = {"wasym", "aasym"}
 ALIGN_FLAGS = {"steps": "--steps", "lr": "--lr", "batch_size": "--batch-size", "ratios": "--retain"}
 ALIGN_FLAGS |= {"vision_lr": "--vision-lr", "scale_lr": "--scale-lr", "positions": "--positions"}
+ALIGN_FLAGS |= {"precision": "--precision"}
 FUSE_FLAGS = {"ratios": "--retain", "samples": "--fusion-samples", "objective": "--fusion-objective"}
 EVAL_FLAGS = {"ratios": "--retain", "scorers": "--scorer", "layer": "--layer", "mode": "--mode", "dtype": "--dtype"}
 EVAL_FLAGS |= {"batch_size": "--batch-size", "seed": "--seed", "device": "--device"}
@@ -156,6 +159,17 @@ fusion_holdout_option = click.option(
 )
 
 
+def precision_option(flag: str = "--precision"):
+    return click.option(
+        flag,
+        type=click.Choice(PRECISIONS),
+        default="auto",
+        show_default=True,
+        help="Training's compute precision: auto takes bf16 autocast on a GPU or a CPU with AVX512-BF16/AMX, fp32 "
+        "elsewhere (an AVX2 CPU runs bf16 7x slower than fp32).",
+    )
+
+
 def align_options(prefix: str):
     """Alignment options shared by ``calibrate`` (``--align-vision-lr`` ...) and ``align`` (``--vision-lr`` ...)."""
     options = [
@@ -188,6 +202,7 @@ def align_options(prefix: str):
             help="Retention ratios the projector is aligned for, cycled over the steps (1: the dense model; e.g. "
             "1,0.5,0.25,0.125: the quantized model also sees its prompts pruned by the qapruner preset).",
         ),
+        precision_option(f"{prefix}precision"),
     ]
 
     def apply(f):
@@ -390,7 +405,19 @@ def fuse(artifact, retain, fusion_samples, fusion_objective, fusion_holdout, cac
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @cache_option
 def align(
-    artifact, output, steps, lr, batch_size, vision_lr, scale_lr, positions, retain, device, overwrite, cache_dir
+    artifact,
+    output,
+    steps,
+    lr,
+    batch_size,
+    vision_lr,
+    scale_lr,
+    positions,
+    retain,
+    precision,
+    device,
+    overwrite,
+    cache_dir,
 ):
     """Align the projector of an existing ARTIFACT to its quantized LLM (as calibrate's --align-projector).
 
@@ -401,7 +428,7 @@ def align(
     from qavtp.calibrate.refine import align_artifact
 
     with flags_named(ALIGN_FLAGS):
-        config = AlignConfig(steps, lr, batch_size, retain, vision_lr, scale_lr, positions)
+        config = AlignConfig(steps, lr, batch_size, retain, vision_lr, scale_lr, positions, precision)
         out = align_artifact(artifact, output, config, device=device, overwrite=overwrite, cache_dir=cache_dir)
     rec = read_config(out).alignment
     gains = rec.get("scale_gains")
@@ -711,7 +738,8 @@ def run_cmd(export_dir, image, question, max_new_tokens, threads, runtime):
 @click.option("--stage1-epochs", type=int, default=12, show_default=True)
 @click.option("--stage2-steps", type=int, default=100, show_default=True, help="Single-question steps (batch 16).")
 @click.option("--packed-steps", type=int, default=400, show_default=True, help="Multi-turn steps (4 images x 6 q).")
-def train_reference_cmd(work_dir, out, seed, stage1_epochs, stage2_steps, packed_steps):
+@precision_option()
+def train_reference_cmd(work_dir, out, seed, stage1_epochs, stage2_steps, packed_steps, precision):
     """Train the reference model's vision tower and projector on easy-VQA (SmolLM2 frozen)."""
     from qavtp.models import reference
     from qavtp.train_reference import train_reference
@@ -721,8 +749,8 @@ def train_reference_cmd(work_dir, out, seed, stage1_epochs, stage2_steps, packed
         config = ReferenceTrainingConfig(
             seed=seed,
             stage1_epochs=stage1_epochs,
-            single=replace(default.single, steps=stage2_steps),
-            packed=replace(default.packed, steps=packed_steps),
+            single=replace(default.single, steps=stage2_steps, precision=precision),
+            packed=replace(default.packed, steps=packed_steps, precision=precision),
         )
     out_path = Path(out) if out else Path(work_dir) / reference.WEIGHTS.name
     path = train_reference(config, out=out_path, work=Path(work_dir))

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from qavtp.calibrate.scale_gains import ScaleGains
 from qavtp.config import AlignConfig
 from qavtp.data import load_data
-from qavtp.device import to_device
+from qavtp.device import to_device, use_bf16
 from qavtp.errors import QavtpError
 from qavtp.prompting import encode
 from qavtp.pruning import prune_sequence, select_tokens
@@ -154,7 +154,6 @@ def align_projector(
     config: AlignConfig,
     *,
     eval_every: int = 50,
-    bf16: bool = True,
     progress: bool = True,
     device: torch.device | None = None,
 ) -> dict:
@@ -174,6 +173,7 @@ def align_projector(
     if len(train) == 0 or len(heldout) == 0:
         raise QavtpError("projector alignment needs training and held-out questions")
     t0 = time.time()
+    bf16 = use_bf16(config.precision, device)  # emulated bf16 on an AVX2 CPU costs 7x: fp32 there
     model = adapter.model
     trainable = _Trainable.of(model, config)
     frozen = trainable.train_only(model)
@@ -301,6 +301,7 @@ def _record(config: AlignConfig, trainable: _Trainable, spread, bf16: bool, size
         "vision_lr": config.vision_lr,
         "scale_lr": config.scale_lr,
         **({"scale_gains": spread} if spread else {}),
+        "precision": config.precision,
         "bf16": bf16,
         "train_questions": sizes[0],
         "heldout_questions": sizes[1],

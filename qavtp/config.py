@@ -24,6 +24,7 @@ ACTIVATION_BITS = (2, 3, 4, 8, 16)  # 16: not quantized
 VOCAB_BITS = (4, 8, 16)
 KV_BITS = (2, 3, 4, 8, 16)
 POSITIONS = ("answer", "text")  # where alignment compares the two models
+PRECISIONS = ("auto", "bf16", "fp32")  # training's compute precision; auto: bf16 only where the hardware has it
 OBJECTIVES = ("kl", "choice-kl", "accuracy")  # what the fusion search minimises
 EXPORT_SCORERS = ("qavtp", "qapruner", "semantic")
 EXPORT_FORMATS = ("qdq", "ort")
@@ -169,9 +170,11 @@ class AlignConfig:
     vision_lr: float = 0.0
     scale_lr: float = 0.0
     positions: str = "answer"
+    precision: str = "auto"  # bf16 autocast on a GPU or a CPU with bf16 instructions, else fp32
 
     def __post_init__(self) -> None:
         _int("steps", self.steps, 0, f"must be 0 (off) or a number of steps, got {self.steps}")
+        _choice("precision", self.precision, PRECISIONS)
         object.__setattr__(self, "ratios", _ratios("ratios", self.ratios))
         if self.steps:
             if not _number("lr", self.lr) > 0:
@@ -331,6 +334,7 @@ class StageConfig:
     eval_every: int = 100
     save_every: int = 50
     heldout: int = 200  # held-out questions, from train images kept out of training
+    precision: str = "auto"  # autocast: bf16 where the CPU has bf16 instructions, else fp32
 
     def __post_init__(self) -> None:
         _int("steps", self.steps, 0)
@@ -339,6 +343,7 @@ class StageConfig:
         for name in ("batch", "eval_every", "save_every", "heldout"):
             _int(name, getattr(self, name), 1)
         _int("pack", self.pack, 0)
+        _choice("precision", self.precision, PRECISIONS)
         for name in ("lr", "tower_lr"):
             if _number(name, getattr(self, name)) < 0:
                 raise ConfigError(name, f"must be 0 or positive, got {getattr(self, name)}")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from qavtp.config import ReferenceTrainingConfig, StageConfig
 from qavtp.data.easyvqa import COLORS, SHAPES, image_labels, image_path, load_easyvqa
 from qavtp.data.prompts import chat_prompt
+from qavtp.device import use_bf16
 from qavtp.evaluate import evaluate
 from qavtp.models import reference
 from qavtp.prompting import position_ids
@@ -162,12 +163,13 @@ def stage2(model, processor, log: Path, ckpt: Path, stage: StageConfig, seed: in
     state_file = ckpt / f"{stage.name}_state.pt"
     start = _resume(model, opt, sched, state_file)
     data = _Stage2Data.of(train, seed)
+    bf16 = use_bf16(stage.precision)
     t0 = time.time()
     bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name}: projector through frozen LLM", unit="step")
     running = None
     for step in range(start, stage.steps):
         model.train()
-        loss = _stage2_loss(model, processor, data, step, stage, seed)
+        loss = _stage2_loss(model, processor, data, step, stage, seed, bf16)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -184,7 +186,7 @@ def stage2(model, processor, log: Path, ckpt: Path, stage: StageConfig, seed: in
             "elapsed_s": time.time() - t0,
         }
         if (step + 1) % stage.eval_every == 0 or step + 1 == stage.steps:
-            row |= _heldout(model, processor, held)
+            row |= _heldout(model, processor, held, bf16)
             bar.write(f"step {step + 1}: held-out accuracy {row['heldout_acc']:.3f} {row['heldout_by_type']}")
         _log(log, row)
         if (step + 1) % stage.save_every == 0 or step + 1 == stage.steps:
@@ -247,27 +249,30 @@ class _Stage2Data:
         return cls(train, order, by_image, image_order)
 
 
-def _stage2_loss(model, processor, data: _Stage2Data, step: int, stage: StageConfig, seed: int) -> torch.Tensor:
-    """Next-token loss on the answers of step ``step``'s questions (or packed conversations), bf16 autocast."""
+def _stage2_loss(
+    model, processor, data: _Stage2Data, step: int, stage: StageConfig, seed: int, bf16: bool
+) -> torch.Tensor:
+    """Next-token loss on the answers of step ``step``'s questions (or packed conversations), under bf16 autocast
+    where the CPU has bf16 instructions."""
     if stage.pack:
         rng = random.Random(seed * 1_000_003 + step)  # per step, so a resumed run sees the same data
         convs = []
         for k in range(stage.batch):
             qs = data.by_image[data.image_order[(step * stage.batch + k) % len(data.image_order)]]
             convs.append(data.train[sorted(rng.sample(qs, min(stage.pack, len(qs))))])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return packed_loss(model, *_packed_batch(processor, convs))
     idx = [data.order[(step * stage.batch + k) % len(data.order)] for k in range(stage.batch)]
     enc, keep, labels = answer_batch(processor, data.train[idx])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(**enc, logits_to_keep=keep).logits[:, :-1]
     flat = logits.float().reshape(-1, logits.shape[-1])
     return F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
 
 
-def _heldout(model, processor, held) -> dict:
+def _heldout(model, processor, held, bf16: bool) -> dict:
     model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         r = evaluate(model, processor, held, batch_size=32, progress=False)
     return {"heldout_acc": r["accuracy"], "heldout_by_type": {k: v["accuracy"] for k, v in r["by_type"].items()}}
 
