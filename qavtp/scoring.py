@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, quant_error
+from qavtp.diversity import divprune_order, dpp_order, order_scores, relevance_quality
 from qavtp.errors import QavtpError
 from qavtp.models.capture import capture_inputs
 from qavtp.prompting import position_ids as left_padded_positions
@@ -35,7 +36,10 @@ SCORERS: dict[str, str] = {
     "l2": "L2 norm of each visual token",
     "variance": "variance over the channels of each visual token",
     "random": "uniform random scores (seeded)",
+    "divprune": "max-min diversity of the visual tokens, greedy (DivPrune)",
+    "cdpruner": "conditional DPP: similarity weighted by relevance to the prompt's text, theta 0.5 (CDPruner)",
 }
+CDPRUNER_THETA = 0.5  # the relevance weight of CDPruner's released code
 
 NORMS = ("minmax", "zscore")
 OUTLIERS = ("range", "linf")
@@ -431,4 +435,23 @@ def score_tokens(
         return value * (fusion.direction if fusion is not None else 1)
     if name == "random":
         return random_scores(X.shape[:2], seed)
+    if name == "divprune":
+        return order_scores(divprune_order(X))
+    if name == "cdpruner":
+        relevance = text_relevance(embeds, visual_mask, enc.get("attention_mask"))
+        return order_scores(dpp_order(X, relevance_quality(relevance, CDPRUNER_THETA)))
     raise QavtpError(f"no scoring rule for {name!r}")
+
+
+def text_relevance(embeds: Tensor, visual_mask: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Relevance ``[B, N]`` of each visual token to the prompt: its mean cosine similarity to the sample's real text
+    tokens at the pruning point (the LLM's embedding space stands in for CDPruner's CLIP text tower)."""
+    X = gather_visual(embeds, visual_mask).float()
+    real = torch.ones_like(visual_mask) if attention_mask is None else attention_mask.bool()
+    text = (real & ~visual_mask).float()  # [B, L]
+    if bool((text.sum(1) == 0).any()):
+        raise QavtpError("cdpruner needs text in every prompt to measure the visual tokens' relevance")
+    cos = torch.nn.functional.normalize(X, dim=-1) @ torch.nn.functional.normalize(embeds.float(), dim=-1).transpose(
+        1, 2
+    )
+    return (cos * text.unsqueeze(1)).sum(-1) / text.sum(1, keepdim=True)

@@ -1,0 +1,104 @@
+"""Diversity-aware selection of visual tokens: DivPrune's max-min diversity and CDPruner's conditional DPP.
+
+Both are greedy, so the first k picks of a full greedy run are exactly the k-token selection: each selector
+returns the greedy *order* of all N tokens ``[B, N]``, and :func:`order_scores` turns it into scores whose
+top-k (``qavtp.pruning.select_tokens``) are the first k picks. Batched, every sample on its own.
+
+- DivPrune (Alvar et al., CVPR 2025, "Diversity-based Visual Token Pruning for Large Multimodal Models"): with the
+  cosine distance ``d(i, j) = 1 - cos(x_i, x_j)``, the first pick is the token farthest from its nearest
+  neighbour, each next one the token whose minimum distance to the picked set is largest (the max-min diversity
+  problem, solved greedily).
+- CDPruner (Zhang et al., NeurIPS 2025, "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token
+  Pruning in MLLMs"): a DPP kernel ``L = diag(q) S diag(q)`` over the tokens' cosine similarity ``S`` with the
+  instruction relevance ``r`` (min-max normalised) as quality ``q = exp(theta r / (2 (1 - theta)))``; greedy MAP
+  inference adds the token of largest marginal gain ``log det``, computed with incremental Cholesky updates
+  (Chen et al., NeurIPS 2018, "Fast Greedy MAP Inference for DPP", Algorithm 1). ``theta`` (the relevance weight)
+  0 is diversity alone; towards 1 relevance dominates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qavtp.errors import QavtpError
+
+EPS = 1e-10
+
+
+def _cosine(x: Tensor) -> Tensor:
+    """Pairwise cosine similarity ``[B, N, N]`` of ``x [B, N, D]`` in float32."""
+    n = torch.nn.functional.normalize(x.float(), dim=-1)
+    return n @ n.transpose(1, 2)
+
+
+def divprune_order(features: Tensor) -> Tensor:
+    """The greedy max-min-diversity order ``[B, N]`` of the tokens ``features [B, N, D]``."""
+    dist = 1.0 - _cosine(features)  # [B, N, N]
+    B, N, _ = dist.shape
+    rows = torch.arange(B, device=dist.device)
+    if N == 1:
+        return torch.zeros(B, 1, dtype=torch.long, device=dist.device)
+    # First pick: the largest distance to the nearest other token (the second smallest of a column: 0 is itself).
+    nearest = dist.topk(2, dim=1, largest=False).values[:, 1]  # [B, N]
+    order = torch.empty(B, N, dtype=torch.long, device=dist.device)
+    order[:, 0] = nearest.argmax(-1)
+    to_picked = dist[rows, order[:, 0]]  # [B, N] distance of every token to the picked set (its min)
+    picked = torch.zeros(B, N, dtype=torch.bool, device=dist.device)
+    picked[rows, order[:, 0]] = True
+    for i in range(1, N):
+        j = to_picked.masked_fill(picked, -float("inf")).argmax(-1)
+        order[:, i] = j
+        picked[rows, j] = True
+        to_picked = torch.minimum(to_picked, dist[rows, j])
+    return order
+
+
+def relevance_quality(relevance: Tensor, theta: float) -> Tensor:
+    """CDPruner's quality ``exp(alpha r)`` of a min-max normalised relevance ``[B, N]``.
+
+    ``alpha = theta / (2 (1 - theta))``."""
+    check_theta(theta)
+    lo, hi = relevance.amin(-1, keepdim=True), relevance.amax(-1, keepdim=True)
+    r = (relevance - lo) / (hi - lo).clamp_min(EPS)
+    return torch.exp(theta / (2 * (1 - theta)) * r)
+
+
+def check_theta(theta: float) -> float:
+    if isinstance(theta, bool) or not isinstance(theta, int | float) or not 0.0 <= theta < 1.0:
+        raise QavtpError(f"the relevance weight theta must lie in [0, 1), got {theta}")
+    return float(theta)
+
+
+def dpp_order(features: Tensor, quality: Tensor) -> Tensor:
+    """The greedy MAP order ``[B, N]`` of the DPP with kernel ``diag(q) cos(features) diag(q)``.
+
+    Once the kernel's rank is spent (duplicate tokens), the marginal gains are 0 and the remaining tokens follow in
+    order of their (zero) gain, lowest index first: no division by zero.
+    """
+    q = quality.float()
+    L = q.unsqueeze(2) * _cosine(features) * q.unsqueeze(1)  # [B, N, N]
+    B, N, _ = L.shape
+    rows = torch.arange(B, device=L.device)
+    c = torch.zeros(N, B, N, dtype=L.dtype, device=L.device)  # the Cholesky rows of the picked tokens
+    d2 = torch.diagonal(L, dim1=1, dim2=2).clone()  # [B, N] marginal gains (squared)
+    order = torch.empty(B, N, dtype=torch.long, device=L.device)
+    for i in range(N):
+        j = d2.argmax(-1)
+        order[:, i] = j
+        dj = d2[rows, j].clamp_min(0.0).sqrt()
+        spent = dj <= EPS
+        e = (L[rows, j] - torch.einsum("tb,tbn->bn", c[:i, rows, j], c[:i])) / dj.clamp_min(EPS).unsqueeze(-1)
+        e = e.masked_fill(spent.unsqueeze(-1), 0.0)
+        c[i] = e
+        d2 = d2 - e.square()
+        d2[rows, j] = -float("inf")
+    return order
+
+
+def order_scores(order: Tensor) -> Tensor:
+    """Scores ``[B, N]`` whose descending order is ``order``: the first pick scores N, the last 1."""
+    B, N = order.shape
+    scores = torch.empty(B, N, dtype=torch.float32, device=order.device)
+    ranks = torch.arange(N, 0, -1, dtype=torch.float32, device=order.device).expand(B, N)
+    return scores.scatter_(1, order, ranks)
