@@ -519,16 +519,16 @@ def eval_cmd(
         raise QavtpError(f"--retain {retain!r} names no retention ratio")
     if with_fp and not artifact:
         raise QavtpError("--with-fp needs --artifact (the floating-point model is the artifact's source)")
-    sweeping = len(parse_ratios(retain)) > 1 or "," in scorer or scorer == "ablation" or with_fp
-    if mode != "loglik" and sweeping:
-        raise QavtpError("sweeps (several --retain or --scorer values, --with-fp) use --mode loglik")
-    if device != "cpu" and (retain is not None or sweeping or mode != "loglik"):
-        raise QavtpError(f"--device {device} runs dense --mode loglik only; pruning, sweeps and generation use the CPU")
     with flags_named(EVAL_FLAGS):
         fp = tuple(parse_scorers(fp_scorers)) if with_fp else ("semantic",)
-        e = EvalConfig(
-            retain, tuple(parse_scorers(scorer)), layer_k, mode, dtype, batch_size, seed, with_fp, fp, device
-        )
+        # Dense loglik on the CPU first: the two flag combinations below are refused in the flags' own words.
+        e = EvalConfig(retain, tuple(parse_scorers(scorer)), layer_k, "loglik", dtype, batch_size, seed, with_fp, fp)
+    if mode != "loglik" and e.is_sweep:
+        raise QavtpError("sweeps (several --retain or --scorer values, --with-fp) use --mode loglik")
+    if device != "cpu" and (e.ratios or e.is_sweep or mode != "loglik"):
+        raise QavtpError(f"--device {device} runs dense --mode loglik only; pruning, sweeps and generation use the CPU")
+    with flags_named(EVAL_FLAGS):
+        e = replace(e, mode=mode, device=device)
     if model and model != DEFAULT_MODEL:
         check_checkpoint(Path(model))  # a missing or foreign model says so before the data set is loaded
     if output:  # a sweep replaces the directory (results, plots): it must be an earlier results directory

@@ -26,7 +26,7 @@ from qavtp.calibrate.rotation import install_online_transforms
 from qavtp.calibrate.vocab import install_quant_vocab
 from qavtp.data import load_data
 from qavtp.errors import QavtpError
-from qavtp.io import atomic_dir, sha256_file
+from qavtp.io import atomic_dir, check_output, sha256_file
 from qavtp.models.loading import load_model, resolve
 from qavtp.models.reference import NAME as DEFAULT_MODEL
 
@@ -81,9 +81,7 @@ def save_artifact(
 
     ``extras(tmp)`` adds other files (plots) to the temporary directory, so they land with the rest or not at all.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise QavtpError(f"output directory {out} exists; pass --overwrite to replace it")
+    out = check_output(out_dir, "artifact", overwrite=overwrite)
     with atomic_dir(out) as tmp:
         save_file(_stored_state(model, _prefixes(config)), str(tmp / WEIGHTS))
         config = replace(config, weights_sha256=sha256_file(tmp / WEIGHTS))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qavtp.errors import QavtpError
@@ -364,14 +364,6 @@ class ReferenceTrainingConfig:
         _int("stage1_epochs", self.stage1_epochs, 0)
 
 
-def build(kind: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """``kind(**values)`` with its :class:`ConfigError` naming the field under ``prefix`` (``align.steps``)."""
-    try:
-        return kind(**values)
-    except ConfigError as e:
-        raise e.within(prefix) if prefix else e from None
-
-
 def updated(config: Any, changes: Mapping[str, Any]) -> Any:
     """``config`` with dotted-path ``changes`` (``{"quant.gptq": True, "seed": 1}``), validated again."""
     own = {k: v for k, v in changes.items() if "." not in k}
@@ -386,12 +378,3 @@ def updated(config: Any, changes: Mapping[str, Any]) -> Any:
         except ConfigError as e:
             raise e.within(head) from None
     return replace(config, **own) if own else config
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """A config as JSON-able nested dicts (tuples as lists)."""
-    return asdict(config)
-
-
-def field_names(kind: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(kind))
