@@ -14,6 +14,7 @@ import click
 from qavtp.calibrate.recipes import DESCRIPTIONS as RECIPE_DESCRIPTIONS
 from qavtp.calibrate.recipes import RECIPES, apply_recipe
 from qavtp.config import (
+    EXPORT_SCORERS,
     OBJECTIVES,
     POSITIONS,
     PRECISIONS,
@@ -91,9 +92,22 @@ ALIGN_FLAGS = {"steps": "--steps", "lr": "--lr", "batch_size": "--batch-size", "
 ALIGN_FLAGS |= {"vision_lr": "--vision-lr", "scale_lr": "--scale-lr", "positions": "--positions"}
 ALIGN_FLAGS |= {"precision": "--precision"}
 FUSE_FLAGS = {"ratios": "--retain", "samples": "--fusion-samples", "objective": "--fusion-objective"}
-EVAL_FLAGS = {"ratios": "--retain", "scorers": "--scorer", "layer": "--layer", "mode": "--mode", "dtype": "--dtype"}
+EVAL_FLAGS = {
+    "ratios": "--retain",
+    "scorers": "--scorer",
+    "layer": "--layer",
+    "mode": "--mode",
+    "dtype": "--dtype",
+    "relevance_weight": "--relevance-weight",
+}
 EVAL_FLAGS |= {"batch_size": "--batch-size", "seed": "--seed", "device": "--device"}
-EXPORT_FLAGS = {"retain": "--retain", "scorer": "--scorer", "format": "--format", "accuracy_level": "--accuracy-level"}
+EXPORT_FLAGS = {
+    "retain": "--retain",
+    "scorer": "--scorer",
+    "format": "--format",
+    "accuracy_level": "--accuracy-level",
+    "relevance_weight": "--relevance-weight",
+}
 
 
 @contextmanager
@@ -142,6 +156,14 @@ cache_option = click.option(
     type=click.Path(file_okay=False),
     default=None,
     help="Where the reference model is assembled (default $QAVTP_CACHE or ~/.cache/qavtp).",
+)
+
+
+relevance_weight_option = click.option(
+    "--relevance-weight",
+    type=float,
+    default=None,
+    help="theta in [0, 1) of the DPP selectors: cdpruner (default 0.5), qavtp-dpp (default: the learned one).",
 )
 
 
@@ -476,6 +498,7 @@ def align(
     show_default=True,
     help="Prune before decoder layer K (0: before the LLM).",
 )
+@relevance_weight_option
 @click.option("--with-fp", is_flag=True, help="With --artifact: also evaluate the floating-point source model.")
 @click.option(
     "--fp-scorers", default="semantic", show_default=True, help="Scorers for the floating-point rows of --with-fp."
@@ -500,6 +523,7 @@ def eval_cmd(
     retain,
     scorer,
     layer_k,
+    relevance_weight,
     with_fp,
     fp_scorers,
     output,
@@ -522,7 +546,18 @@ def eval_cmd(
     with flags_named(EVAL_FLAGS):
         fp = tuple(parse_scorers(fp_scorers)) if with_fp else ("semantic",)
         # Dense loglik on the CPU first: the two flag combinations below are refused in the flags' own words.
-        e = EvalConfig(retain, tuple(parse_scorers(scorer)), layer_k, "loglik", dtype, batch_size, seed, with_fp, fp)
+        e = EvalConfig(
+            retain,
+            tuple(parse_scorers(scorer)),
+            layer_k,
+            "loglik",
+            dtype,
+            batch_size,
+            seed,
+            with_fp,
+            fp,
+            relevance_weight=relevance_weight,
+        )
     if mode != "loglik" and e.is_sweep:
         raise QavtpError("sweeps (several --retain or --scorer values, --with-fp) use --mode loglik")
     if device != "cpu" and (e.ratios or e.is_sweep or mode != "loglik"):
@@ -539,7 +574,14 @@ def eval_cmd(
     described = dict(data=data_spec, split=split, limit=limit, seed=seed, dtype=dtype)
     if e.is_sweep:
         spec = SweepSpec(
-            e.ratios or (1.0,), e.scorers, e.layer, e.fp_scorers if with_fp else None, dtype, batch_size, seed
+            e.ratios or (1.0,),
+            e.scorers,
+            e.layer,
+            e.fp_scorers if with_fp else None,
+            dtype,
+            batch_size,
+            seed,
+            e.relevance_weight,
         )
         runs, report = sweep(model, artifact, ds, spec, cache_dir)
         text = f"### {artifact or model or DEFAULT_MODEL} on {data_spec} ({split}, n={len(ds)})\n\n{report}"
@@ -652,11 +694,12 @@ def ppl(model, artifact, seq_len, windows, output, cache_dir):
 @click.option("--retain", type=float, default=1.0, show_default=True, help="Fraction of visual tokens kept, in (0, 1].")
 @click.option(
     "--scorer",
-    type=click.Choice(["qavtp", "qapruner", "semantic"]),
+    type=click.Choice(EXPORT_SCORERS),
     default="qavtp",
     show_default=True,
-    help="In-graph token scorer (ignored at --retain 1); qavtp needs an artifact with fusion weights.",
+    help="In-graph token scorer (ignored at --retain 1); qavtp and qavtp-dpp need an artifact with fusion weights.",
 )
+@relevance_weight_option
 @click.option(
     "--format",
     "fmt",
@@ -674,12 +717,12 @@ def ppl(model, artifact, seq_len, windows, output, cache_dir):
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing export directory.")
 @cache_option
-def export_cmd(source, output, retain, scorer, fmt, accuracy_level, overwrite, cache_dir):
+def export_cmd(source, output, retain, scorer, relevance_weight, fmt, accuracy_level, overwrite, cache_dir):
     """Export SOURCE (a calibration artifact, a LLaVA directory or smollava-easyvqa) to ONNX."""
     from qavtp.export.export_model import export_model
 
     with flags_named(EXPORT_FLAGS):
-        config = ExportConfig(retain=retain, scorer=scorer, format=fmt, accuracy_level=accuracy_level)
+        config = ExportConfig(retain, scorer, fmt, accuracy_level, relevance_weight)
         out = export_model(source, output, config, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(f"wrote {out}")
 

@@ -295,7 +295,9 @@ class ArtifactConfig:
 
 def fusion_params(cfg: ArtifactConfig | None, rho: float) -> FusionParams:
     """The learned fusion parameters of ratio ``rho`` from an artifact config, or one clear error."""
-    if cfg is None or cfg.fusion is None or not cfg.fusion.ratios:
+    if cfg is None:
+        raise QavtpError("the learned scorers (qavtp, qavtp-dpp) need fusion weights: pass --artifact (a calibration)")
+    if cfg.fusion is None or not cfg.fusion.ratios:
         raise QavtpError("this artifact was calibrated without fusion weights; rerun qavtp calibrate with --retain")
     return cfg.fusion.params(rho)
 

@@ -31,10 +31,10 @@ from qavtp.pruning import prune_sequence, select_tokens
 from qavtp.scoring import (
     FusionParams,
     available_semantics,
-    fused_scores,
     gather_visual,
     model_inputs,
     qapruner_params,
+    selection_scores,
     semantic_scores,
 )
 
@@ -43,6 +43,7 @@ from qavtp.scoring import (
 # kl: the full next-token distribution; choice-kl: the distribution over the question's candidate answers
 # (first tokens, renormalised), which is what the answer is read from; accuracy: calibration accuracy.
 OBJECTIVES = ("kl", "choice-kl", "accuracy")
+DPP_THETAS = (0.25, 0.5, 0.75, 0.9)  # relevance weights of the DPP candidates (CDPruner's default: 0.5)
 METRICS = ("kl", "accuracy", "choice_kl")
 
 
@@ -92,6 +93,8 @@ def candidate_grid(
     Stage 1: each relevance term alone and each sensitivity term alone, in both directions.
     Stage 2: mixtures of a relevance term with the sensitivity terms (:func:`learn_fusion` tries every term).
     Stage 3: the open choices of the paper (normalisation, outlier measure, relative error) at the best point.
+    Stage 4: the best point's score as the quality of a DPP (``select="dpp"``) at several relevance weights:
+    selection with diversity against plain top-k.
     """
 
     def v(p: FusionParams, **kw) -> FusionParams:
@@ -106,6 +109,8 @@ def candidate_grid(
         return [
             v(best, alpha=a, beta=b, direction=d) for a in (0.25, 0.5, 0.75) for b in (0.0, 0.5, 1.0) for d in (1, -1)
         ]
+    if stage == 4:
+        return [v(best, select="dpp", theta=t) for t in DPP_THETAS]
     return [
         v(best, norm="zscore" if best.norm == "minmax" else "minmax"),
         v(best, outlier="linf" if best.outlier == "range" else "range"),
@@ -208,7 +213,7 @@ class _Judge:
         for b in self.prepared:
             todo: dict[tuple, tuple[int, Tensor]] = {}
             for c, p in enumerate(configs):
-                keep = select_tokens(fused_scores(b.sem[p.semantic], b.X, p), rho)
+                keep = select_tokens(selection_scores(b.sem[p.semantic], b.X, p), rho)
                 for r in range(len(b.rows)):
                     key = (b.rows[r], rho, tuple(keep[r].tolist()))
                     keys_per_cfg[c].append(key)
@@ -292,6 +297,7 @@ def _search_ratio(judge, held, base, preset, semantics, rho: float, objective: s
     anchors = [FusionParams.from_dict({**best.to_dict(), "semantic": s}) for s in semantics]
     best = run([c for a in anchors for c in candidate_grid(a, 2, a)] + [preset], 2)
     best = run(candidate_grid(base, 3, best), 3)
+    best = run(candidate_grid(base, 4, best), 4)
     searched = best
     check = None
     if held is not None and best != preset:
@@ -359,8 +365,8 @@ def learn_fusion(
         "dense": dict(zip(METRICS, dense, strict=True)),
         "ratios": {},
     }
-    # Three search stages per ratio; each runs every new kept set of every question once.
-    bar = tqdm(total=3 * len(ratios), desc="learning fusion weights", unit="stage", disable=not progress)
+    # Four search stages per ratio; each runs every new kept set of every question once.
+    bar = tqdm(total=4 * len(ratios), desc="learning fusion weights", unit="stage", disable=not progress)
     semantics = available_semantics(adapter)
     for rho in ratios:
         entry, msg = _search_ratio(judge, held, base, preset, semantics, rho, objective, bar)

@@ -24,8 +24,12 @@ def torch_like_export(meta: dict, cache_dir=None, dtype: str = "fp32"):
     pr = meta["pruning"]
     prune = None
     if pr["scorer"] and pr["retain"] < 1:
-        fusion = FusionParams.from_dict(pr["fusion"]) if pr["scorer"] == "qavtp" else None
-        prune = Pruning(adapter, pr["scorer"], pr["retain"], fusion=fusion)
+        fusion = None
+        if pr["scorer"] in ("qavtp", "qavtp-dpp"):
+            if not isinstance(pr.get("fusion"), dict):
+                raise QavtpError(f"export.json: scorer {pr['scorer']!r} but no fusion parameters (pruning.fusion)")
+            fusion = FusionParams.from_dict(pr["fusion"])
+        prune = Pruning(adapter, pr["scorer"], pr["retain"], fusion=fusion, theta=pr.get("relevance_weight"))
     return net, processor, prune
 
 

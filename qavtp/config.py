@@ -26,7 +26,7 @@ KV_BITS = (2, 3, 4, 8, 16)
 POSITIONS = ("answer", "text")  # where alignment compares the two models
 PRECISIONS = ("auto", "bf16", "fp32")  # training's compute precision; auto: bf16 only where the hardware has it
 OBJECTIVES = ("kl", "choice-kl", "accuracy")  # what the fusion search minimises
-EXPORT_SCORERS = ("qavtp", "qapruner", "semantic")
+EXPORT_SCORERS = ("qavtp", "qapruner", "semantic", "divprune", "cdpruner", "qavtp-dpp")
 EXPORT_FORMATS = ("qdq", "ort")
 
 
@@ -86,6 +86,19 @@ def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ConfigError(name, f"must be a number, got {value!r}")
     return float(value)
+
+
+DPP_SCORERS = ("cdpruner", "qavtp-dpp")  # the scorers that read a relevance weight
+
+
+def _theta(value: float | None, scorers: tuple[str, ...]) -> None:
+    """A relevance weight: in [0, 1) (1 would make CDPruner's quality exponent infinite), for a DPP scorer."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError("relevance_weight", f"must lie in [0, 1), got {value}")
+    if not set(scorers) & set(DPP_SCORERS):
+        raise ConfigError("relevance_weight", f"is read by the scorers {' and '.join(DPP_SCORERS)} only")
 
 
 def _choice(name: str, value: Any, allowed: tuple, what: str = "") -> Any:
@@ -268,6 +281,7 @@ class ExportConfig:
     scorer: str = "qavtp"  # ignored at retain 1
     format: str = "qdq"  # qdq: standard DequantizeLinear; ort: onnxruntime's MatMulNBits
     accuracy_level: int = 0  # MatMulNBits' (4: int8 activations inside the kernel)
+    relevance_weight: float | None = None  # theta of cdpruner (0.5) and qavtp-dpp (the learned one)
 
     def __post_init__(self) -> None:
         try:
@@ -275,6 +289,7 @@ class ExportConfig:
         except QavtpError as e:
             raise ConfigError("retain", f"must be a retention ratio in (0, 1], got {self.retain}") from e
         _choice("scorer", self.scorer, EXPORT_SCORERS)
+        _theta(self.relevance_weight, (self.scorer,))
         WeightFormat(self.format, self.accuracy_level)  # checks the format and level
 
     @property
@@ -300,6 +315,7 @@ class EvalConfig:
     with_fp: bool = False
     fp_scorers: tuple[str, ...] = ("semantic",)
     device: str = "cpu"
+    relevance_weight: float | None = None  # theta of cdpruner (0.5) and qavtp-dpp (the learned one)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratios", _ratios("ratios", self.ratios))
@@ -310,6 +326,7 @@ class EvalConfig:
         _choice("dtype", self.dtype, DTYPES)
         _int("batch_size", self.batch_size, 1)
         _int("seed", self.seed)
+        _theta(self.relevance_weight, self.scorers + (self.fp_scorers if self.with_fp else ()))
         if self.mode != "loglik" and self.is_sweep:
             raise ConfigError("mode", "must be loglik for sweeps (several ratios or scorers, or with_fp)")
         if self.device != "cpu" and (self.ratios or self.is_sweep or self.mode != "loglik"):

@@ -55,13 +55,13 @@ def divprune_order(features: Tensor) -> Tensor:
 
 
 def relevance_quality(relevance: Tensor, theta: float) -> Tensor:
-    """CDPruner's quality ``exp(alpha r)`` of a min-max normalised relevance ``[B, N]``.
-
-    ``alpha = theta / (2 (1 - theta))``."""
+    """CDPruner's quality ``exp(alpha r)`` of a min-max normalised relevance ``[B, N]``, ``alpha = theta / (2 (1 -
+    theta))``, divided by its maximum ``exp(alpha)``: the kernel then scales by a constant, which leaves every greedy
+    choice as it was, and cannot overflow float32 as ``theta`` nears 1 (at 0.99 the kernel would reach e^99)."""
     check_theta(theta)
     lo, hi = relevance.amin(-1, keepdim=True), relevance.amax(-1, keepdim=True)
     r = (relevance - lo) / (hi - lo).clamp_min(EPS)
-    return torch.exp(theta / (2 * (1 - theta)) * r)
+    return torch.exp(theta / (2 * (1 - theta)) * (r - 1))
 
 
 def check_theta(theta: float) -> float:
@@ -70,35 +70,44 @@ def check_theta(theta: float) -> float:
     return float(theta)
 
 
-def dpp_order(features: Tensor, quality: Tensor) -> Tensor:
-    """The greedy MAP order ``[B, N]`` of the DPP with kernel ``diag(q) cos(features) diag(q)``.
-
-    Once the kernel's rank is spent (duplicate tokens), the marginal gains are 0 and the remaining tokens follow in
-    order of their (zero) gain, lowest index first: no division by zero.
-    """
+def dpp_kernel(features: Tensor, quality: Tensor) -> Tensor:
+    """CDPruner's kernel ``L = diag(q) S diag(q)`` ``[B, N, N]``, S the tokens' cosine similarity."""
     q = quality.float()
-    L = q.unsqueeze(2) * _cosine(features) * q.unsqueeze(1)  # [B, N, N]
+    return q.unsqueeze(2) * _cosine(features) * q.unsqueeze(1)
+
+
+def dpp_order(features: Tensor, quality: Tensor, k: int | None = None) -> Tensor:
+    """The greedy MAP order ``[B, k]`` (all N by default) of the DPP with kernel ``diag(q) cos(features) diag(q)``.
+
+    Chen et al.'s Algorithm 1 with a fixed ``[B, k, N]`` buffer of Cholesky rows (zeros until filled) and the
+    projection over all k rows: the form the exported ONNX ``Loop`` computes, so both sum the same terms. Once the
+    kernel's rank is spent (duplicate tokens), the marginal gains are 0 and the remaining tokens follow in order of
+    their (zero) gain, lowest index first: no division by zero.
+    """
+    L = dpp_kernel(features, quality)
     B, N, _ = L.shape
+    k = N if k is None else k
     rows = torch.arange(B, device=L.device)
-    c = torch.zeros(N, B, N, dtype=L.dtype, device=L.device)  # the Cholesky rows of the picked tokens
+    c = torch.zeros(B, k, N, dtype=L.dtype, device=L.device)  # the Cholesky rows of the picked tokens
     d2 = torch.diagonal(L, dim1=1, dim2=2).clone()  # [B, N] marginal gains (squared)
-    order = torch.empty(B, N, dtype=torch.long, device=L.device)
-    for i in range(N):
+    order = torch.empty(B, k, dtype=torch.long, device=L.device)
+    for i in range(k):
         j = d2.argmax(-1)
         order[:, i] = j
-        dj = d2[rows, j].clamp_min(0.0).sqrt()
-        spent = dj <= EPS
-        e = (L[rows, j] - torch.einsum("tb,tbn->bn", c[:i, rows, j], c[:i])) / dj.clamp_min(EPS).unsqueeze(-1)
-        e = e.masked_fill(spent.unsqueeze(-1), 0.0)
-        c[i] = e
+        dj = d2[rows, j].clamp_min(0.0).sqrt().unsqueeze(-1)  # [B, 1]
+        proj = (c[rows, :, j].unsqueeze(1) @ c).squeeze(1)  # [B, N]: sum over the picked rows of c_tj c_t
+        e = torch.where(dj <= EPS, 0.0, (L[rows, j] - proj) / dj.clamp_min(EPS))
+        c[:, i] = e
         d2 = d2 - e.square()
         d2[rows, j] = -float("inf")
     return order
 
 
-def order_scores(order: Tensor) -> Tensor:
-    """Scores ``[B, N]`` whose descending order is ``order``: the first pick scores N, the last 1."""
-    B, N = order.shape
-    scores = torch.empty(B, N, dtype=torch.float32, device=order.device)
-    ranks = torch.arange(N, 0, -1, dtype=torch.float32, device=order.device).expand(B, N)
+def order_scores(order: Tensor, n: int | None = None) -> Tensor:
+    """Scores ``[B, n]`` whose descending order is ``order [B, k]``: the first pick scores n, the k-th n - k + 1,
+    tokens never picked 0 (``n`` defaults to k: a full order)."""
+    B, k = order.shape
+    n = k if n is None else n
+    scores = torch.zeros(B, n, dtype=torch.float32, device=order.device)
+    ranks = torch.arange(n, n - k, -1, dtype=torch.float32, device=order.device).expand(B, k)
     return scores.scatter_(1, order, ranks)

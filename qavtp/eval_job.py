@@ -26,7 +26,7 @@ def evaluate_one(model: str | None, artifact: str | None, dataset, config: EvalC
     prune = None
     if rho is not None:
         check_layer(len(adapter.decoder_layers), config.layer)
-        prune = pruning_for(adapter, scorer, rho, cfg, config.seed, config.layer)
+        prune = pruning_for(adapter, scorer, rho, cfg, config.seed, config.layer, config.relevance_weight)
     t0 = time.time()
     with visiting(net, dev):
         results = evaluate(net, processor, dataset, batch_size=config.batch_size, mode=config.mode, prune=prune)

@@ -130,6 +130,7 @@ class Pruning:
     spec: object | None = None  # the deployed activation quantizer (qerror ablation)
     seed: int = 0
     layer: int = 0  # K: prune before decoder layer K (0: before the LLM)
+    theta: float | None = None  # relevance weight of cdpruner / qavtp-dpp (None: their defaults)
 
 
 def _pruned_prefill(prune: Pruning, processor, images, texts):
@@ -146,6 +147,7 @@ def _pruned_prefill(prune: Pruning, processor, images, texts):
             seed=prune.seed,
             fusion=prune.fusion,
             layer=prune.layer,
+            theta=prune.theta,
         )
 
     return pruned_prefill(prune.adapter, enc, scores, prune.rho, prune.layer)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from qavtp.calibrate.quantizers import QuantLinear, QuantSpec, quant_error
-from qavtp.diversity import divprune_order, dpp_order, order_scores, relevance_quality
+from qavtp.diversity import check_theta, divprune_order, dpp_order, order_scores, relevance_quality
 from qavtp.errors import QavtpError
 from qavtp.models.capture import capture_inputs
 from qavtp.prompting import position_ids as left_padded_positions
@@ -38,8 +38,13 @@ SCORERS: dict[str, str] = {
     "random": "uniform random scores (seeded)",
     "divprune": "max-min diversity of the visual tokens, greedy (DivPrune)",
     "cdpruner": "conditional DPP: similarity weighted by relevance to the prompt's text, theta 0.5 (CDPruner)",
+    "qavtp-dpp": "a DPP whose quality is the learned qavtp score: quality x diversity (--relevance-weight theta)",
 }
 CDPRUNER_THETA = 0.5  # the relevance weight of CDPruner's released code
+# Not per-token scores but greedy selections: their scores are ranks (qavtp.diversity.order_scores).
+DIVERSITY_SCORERS = ("divprune", "cdpruner", "qavtp-dpp")
+# How the fused score picks tokens: top-k, or as the quality of a DPP over the tokens' similarity.
+SELECTIONS = ("topk", "dpp")
 
 NORMS = ("minmax", "zscore")
 OUTLIERS = ("range", "linf")
@@ -295,7 +300,10 @@ class FusionParams:
     normalised per image, which cancels any constant factor. ``qspec`` is the simulated quantizer of
     the error term (the deployed activation quantizer, or the paper's INT4 g128). ``semantic`` is the
     relevance term: ``text`` (last prompt token's attention at layer 0), ``cls`` (vision [CLS] attention) or
-    ``text-lN`` (the attention at decoder layer N, computed on the full prompt by layers 0..N-1).
+    ``text-lN`` (the attention at decoder layer N, computed on the full prompt by layers 0..N-1). ``select`` is
+    how the fused score picks tokens: ``topk``, or ``dpp``: the score (min-max normalised) becomes the quality
+    ``exp(theta r / (2 (1 - theta)))`` of CDPruner's kernel ``diag(q) S diag(q)`` over the tokens' cosine
+    similarity, so the kept set trades the fused score against redundancy (``theta`` towards 1: the score alone).
     """
 
     alpha: float = 0.5
@@ -306,6 +314,8 @@ class FusionParams:
     relative: bool = False
     qspec: dict = field(default_factory=lambda: QuantSpec(4, True, 128).to_dict())
     semantic: str = "text"
+    select: str = "topk"
+    theta: float = CDPRUNER_THETA
 
     def __post_init__(self) -> None:
         _check_unit("alpha", self.alpha)
@@ -318,6 +328,9 @@ class FusionParams:
             raise QavtpError(f"unknown outlier intensity {self.outlier!r}; valid: {', '.join(OUTLIERS)}")
         semantic_layer(self.semantic)
         QuantSpec.from_dict(self.qspec)
+        if self.select not in SELECTIONS:
+            raise QavtpError(f"unknown token selection {self.select!r}; valid: {', '.join(SELECTIONS)}")
+        check_theta(self.theta)
 
     @property
     def spec(self) -> QuantSpec:
@@ -363,6 +376,18 @@ def fused_scores(sem: Tensor, X: Tensor, p: FusionParams) -> Tensor:
     return fuse(sem, hybrid_sensitivity(eq, o, p.beta, p.norm), p.alpha, p.direction, p.norm)
 
 
+def selection_scores(sem: Tensor, X: Tensor, p: FusionParams) -> Tensor:
+    """What ``select_tokens`` ranks under ``p``: the fused score (top-k), or the greedy order of the DPP whose
+    quality the fused score is (``p.select == "dpp"``), as ranks."""
+    s = fused_scores(sem, X, p)
+    return s if p.select == "topk" else order_scores(dpp_order(X, relevance_quality(s, p.theta)))
+
+
+def as_dpp(p: FusionParams, theta: float | None = None) -> FusionParams:
+    """``p`` with DPP selection (scorer ``qavtp-dpp``): ``theta`` if given, else the learned one."""
+    return FusionParams(**{**p.to_dict(), "select": "dpp", "theta": p.theta if theta is None else theta})
+
+
 def available_semantics(adapter) -> tuple[str, ...]:
     """The relevance terms this model offers: [CLS] attention needs a penultimate vision-tower layer."""
     try:
@@ -401,14 +426,16 @@ def score_tokens(
     seed: int = 0,
     fusion: FusionParams | None = None,
     layer: int = 0,
+    theta: float | None = None,
 ) -> Tensor:
     """Scores ``[B, N]`` of the visual tokens by scorer ``name`` at the pruning point, layer K = ``layer``.
 
     ``embeds`` are the hidden states entering layer K (for K = 0 the input embeddings with the visual tokens
     in place, ``adapter.embed``); ``spec`` the deployed activation quantizer (for ``qerror``); ``fusion``
-    the learned parameters (for ``qavtp``), learned for pruning at layer 0.
+    the learned parameters (for ``qavtp``), learned for pruning at layer 0; ``theta`` the relevance weight of
+    ``cdpruner`` (default 0.5) and ``qavtp-dpp`` (default: the learned one, else 0.5).
     """
-    if name in ("qavtp", "qapruner") and layer != 0:
+    if name in ("qavtp", "qapruner", "qavtp-dpp") and layer != 0:
         raise QavtpError(f"scorer {name!r} is learned for pruning before the LLM (K = 0), not at K = {layer}")
     check_scorer(name)
     X = gather_visual(embeds, visual_mask)
@@ -417,10 +444,11 @@ def score_tokens(
     if name == "qapruner":
         p = qapruner_params(X.shape[-1])
         return fused_scores(semantic_scores(adapter, enc, embeds, visual_mask, p.semantic), X, p)
-    if name == "qavtp":
+    if name in ("qavtp", "qavtp-dpp"):
         if fusion is None:
-            raise QavtpError("scorer 'qavtp' needs fusion weights: calibrate with --retain, then pass --artifact")
-        return fused_scores(semantic_scores(adapter, enc, embeds, visual_mask, fusion.semantic), X, fusion)
+            raise QavtpError(f"scorer {name!r} needs fusion weights: calibrate with --retain, then pass --artifact")
+        p = fusion if name == "qavtp" else as_dpp(fusion, theta)
+        return selection_scores(semantic_scores(adapter, enc, embeds, visual_mask, p.semantic), X, p)
     if name == "cls":
         return cls_attention(adapter, enc["pixel_values"])
     if name in _NORMS:
@@ -439,7 +467,7 @@ def score_tokens(
         return order_scores(divprune_order(X))
     if name == "cdpruner":
         relevance = text_relevance(embeds, visual_mask, enc.get("attention_mask"))
-        return order_scores(dpp_order(X, relevance_quality(relevance, CDPRUNER_THETA)))
+        return order_scores(dpp_order(X, relevance_quality(relevance, CDPRUNER_THETA if theta is None else theta)))
     raise QavtpError(f"no scoring rule for {name!r}")
 
 

@@ -22,13 +22,22 @@ N_EXAMPLES = 4  # questions whose kept tokens are drawn
 
 
 def check_fusion(cfg: ArtifactConfig | None, scorers: list[str], ratios: list[float]) -> None:
-    """Scorer ``qavtp`` needs the artifact's fusion weights for every pruned ratio: one clear line if not."""
-    if "qavtp" in scorers:
+    """Scorers ``qavtp`` and ``qavtp-dpp`` need the artifact's fusion weights for every pruned ratio: one clear line
+    if not."""
+    if {"qavtp", "qavtp-dpp"} & set(scorers):
         for rho in [r for r in ratios if r < 1]:
             fusion_params(cfg, rho)
 
 
-def pruning_for(adapter, scorer: str, rho: float, cfg: ArtifactConfig | None, seed: int = 0, layer: int = 0) -> Pruning:
+def pruning_for(
+    adapter,
+    scorer: str,
+    rho: float,
+    cfg: ArtifactConfig | None,
+    seed: int = 0,
+    layer: int = 0,
+    theta: float | None = None,
+) -> Pruning:
     """How ``qavtp eval`` prunes at ratio ``rho``: the artifact's fusion weights of that ratio (scorer ``qavtp``,
     and the sensitivity ablation's quantizer and direction) and its deployed activation quantizer."""
     fusion = None
@@ -36,9 +45,9 @@ def pruning_for(adapter, scorer: str, rho: float, cfg: ArtifactConfig | None, se
     # qavtp needs its ratio's weights (fusion_for says so if they are missing); the sensitivity ablation uses them
     # where the artifact has them; every other scorer ignores them, so an artifact learned for 0.125 alone can
     # still be swept at 0.5 with semantic or [CLS] pruning.
-    if rho < 1 and (scorer == "qavtp" or ratio_key(rho) in learned):
+    if rho < 1 and (scorer in ("qavtp", "qavtp-dpp") or ratio_key(rho) in learned):
         fusion = fusion_params(cfg, rho)
-    return Pruning(adapter, scorer, rho, fusion, activation_spec(cfg), seed, layer)
+    return Pruning(adapter, scorer, rho, fusion, activation_spec(cfg), seed, layer, theta)
 
 
 def parse_scorers(spec: str) -> list[str]:
@@ -61,6 +70,7 @@ class SweepSpec:
     dtype: str = "fp32"
     batch_size: int = 16
     seed: int = 0
+    relevance_weight: float | None = None
 
 
 def sweep(model: str | None, artifact: str | None, dataset, spec: SweepSpec, cache_dir=None) -> tuple[list[dict], str]:
@@ -124,7 +134,7 @@ def run_sweep(
     runs = []
     for rho in sorted(set(ratios), reverse=True):
         for scorer in ["dense"] if rho == 1 else scorers:
-            prune = None if rho == 1 else pruning_for(adapter, scorer, rho, cfg, seed, layer)
+            prune = None if rho == 1 else pruning_for(adapter, scorer, rho, cfg, seed, layer, spec.relevance_weight)
             keep_log: list = []
             t0 = time.time()
             res = evaluate(
@@ -203,20 +213,25 @@ def fusion_table(cfg: ArtifactConfig) -> str:
         f"Learned on {fus['n_samples']} calibration questions, objective {fus['objective']} "
         f"(dense W4A4: KL {fus['dense']['kl']:.4f}, first-token accuracy {100 * fus['dense']['accuracy']:.1f} %).",
         "",
-        "| retain | semantic | α | β | direction | norm | outlier | error | calib KL | calib acc "
+        "| retain | semantic | α | β | direction | norm | outlier | error | selection | calib KL | calib acc "
         "| qapruner KL | qapruner acc | held-out z |",
-        "|---:|---|---:|---:|---|---|---|---|---:|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for key, e in sorted(fus["ratios"].items(), key=lambda kv: -float(kv[0])):
         p = e["params"]
         direction = "keep sensitive" if p["direction"] == 1 else "keep robust"
         lines.append(
             f"| {float(key) * 100:g} % | {p['semantic']} | {p['alpha']:g} | {p['beta']:g} | {direction} | {p['norm']} "
-            f"| {p['outlier']} | {'relative' if p['relative'] else 'absolute'} | {e['kl']:.4f} "
+            f"| {p['outlier']} | {'relative' if p['relative'] else 'absolute'} | {_selection_cell(p)} | {e['kl']:.4f} "
             f"| {100 * e['accuracy']:.1f} | {e['qapruner']['kl']:.4f} | {100 * e['qapruner']['accuracy']:.1f} "
             f"| {_holdout_cell(e.get('holdout'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _selection_cell(p: dict) -> str:
+    """top-k, or the DPP with its relevance weight (artifacts before issue 26 hold neither: top-k)."""
+    return f"DPP θ {p['theta']:g}" if p.get("select") == "dpp" else "top-k"
 
 
 def _holdout_cell(check: dict | None) -> str:

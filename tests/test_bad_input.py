@@ -262,3 +262,21 @@ def test_fuzz_malformed_documents(artifact, exported, tmp_path, image):
         assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), args
     print(f"{refused} of {len(cases)} malformed documents refused in one line; the rest still worked")
     assert refused >= len(cases) // 2  # most mutations break a required field
+
+
+def test_diversity_selector_flags(artifact, tiny_llava_dir, tmp_path):
+    """Issue 26's bad inputs: a ratio keeping more tokens than exist, a relevance weight out of range or for a
+    scorer that has none, a learned DPP without the fusion weights it needs; nothing is written."""
+    cases = [
+        (["eval", tiny_llava_dir, "--retain", "1.5", "--scorer", "cdpruner"], "retention ratio must lie in (0, 1]"),
+        (["eval", tiny_llava_dir, "--retain", "0.25", "--scorer", "cdpruner", "--relevance-weight", "1"], "[0, 1)"),
+        (["eval", tiny_llava_dir, "--retain", "0.25", "--relevance-weight", "0.3"], "cdpruner and qavtp-dpp only"),
+        (["eval", tiny_llava_dir, "--retain", "0.25", "--scorer", "qavtp-dpp"], "need fusion weights: pass --artifact"),
+        (["eval", "--artifact", artifact, "--retain", "0.25", "--scorer", "qavtp-dpp"], "calibrated without fusion"),
+        (["export", artifact, "-o", tmp_path / "e", "--retain", "0.25", "--scorer", "qavtp-dpp"], "without fusion"),
+        (["export", tiny_llava_dir, "-o", tmp_path / "e", "--retain", "2", "--scorer", "divprune"], "(0, 1]"),
+        (["export", artifact, "-o", tmp_path / "e", "--scorer", "cdpruner", "--relevance-weight", "-1"], "[0, 1)"),
+    ]
+    for args, needle in cases:
+        _one_line(run(*args, "--limit", "2") if args[0] == "eval" else run(*args), needle)
+    assert not (tmp_path / "e").exists()

@@ -89,3 +89,38 @@ def test_scorers_run_on_the_model_and_in_eval(tiny, enc, tiny_llava_dir, scorer)
     r = CliRunner().invoke(main, ["eval", str(tiny_llava_dir), "--retain", "0.25", "--scorer", scorer, "--limit", "4"])
     assert r.exit_code == 0, r.output
     assert f"retain 0.25 by {scorer}" in r.output
+
+
+def test_fused_score_as_dpp_quality(tiny, enc):
+    """``select="dpp"``: the k kept tokens are the DPP's first k greedy picks with the fused score as quality;
+    theta 0 ignores the score (DivPrune's kind of selection on cosine similarity)."""
+    from qavtp.calibrate.quantizers import QuantSpec
+    from qavtp.scoring import FusionParams, as_dpp, fused_scores, gather_visual, selection_scores, semantic_scores
+
+    _, _, adapter = tiny
+    with torch.no_grad():
+        emb = adapter.embed(enc["input_ids"], enc["pixel_values"])
+    vis = adapter.visual_positions(enc["input_ids"])
+    X, p = gather_visual(emb, vis), FusionParams(alpha=0.5, qspec=QuantSpec(4, True, 16).to_dict())
+    sem = semantic_scores(adapter, enc, emb, vis, p.semantic)
+    fused = fused_scores(sem, X, p)
+    for theta in (0.0, 0.5, 0.9):
+        got = select_tokens(selection_scores(sem, X, as_dpp(p, theta)), 0.25)
+        want = dpp_order(X, relevance_quality(fused, theta), k=4).sort(-1).values
+        assert torch.equal(got, want)
+    assert torch.equal(dpp_order(X, relevance_quality(fused, 0.0)), dpp_order(X, torch.ones_like(fused)))
+    assert torch.equal(selection_scores(sem, X, p), fused)  # top-k selection: the fused score itself
+
+
+def test_a_relevance_weight_near_one_stays_finite():
+    """theta 0.999 makes the exponent 499: the quality is scaled to at most 1 (a constant factor of the kernel,
+    which leaves the greedy order unchanged) so that the kernel cannot overflow float32."""
+    g = torch.Generator().manual_seed(2)
+    x, r = torch.randn(2, 12, 6, generator=g), torch.rand(2, 12, generator=g)
+    q = relevance_quality(r, 0.999)
+    assert torch.isfinite(q).all() and float(q.max()) == 1.0
+    order = dpp_order(x, q)
+    assert all(sorted(row) == list(range(12)) for row in order.tolist())
+    mid = relevance_quality(r, 0.6)
+    # The first 6 picks (the kernel's rank, D = 6); past it every gain is rounding noise.
+    assert torch.equal(dpp_order(x, mid, k=6), dpp_order(x, mid * 7.0, k=6))
