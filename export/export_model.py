@@ -24,11 +24,14 @@ from qavtp.export.external_data import WeightStore, to_model
 from qavtp.export.llava_graph import check_supported
 from qavtp.export.onnx_graph import Graph
 from qavtp.export.prefill_decode import build_decode, build_prefill
+from qavtp.export.pruning_subgraph import Selection
 from qavtp.io import atomic_dir, check_output, sha256_file
 from qavtp.models.loading import load_model, resolve
 from qavtp.models.reference import NAME, cache_root
 from qavtp.pruning import keep_count
-from qavtp.scoring import qapruner_params
+from qavtp.scoring import CDPRUNER_THETA, FusionParams, as_dpp, qapruner_params
+
+LEARNED = ("qavtp", "qavtp-dpp")  # the in-graph scorers that read the artifact's fusion weights
 
 EXPORT_VERSION = 1
 META = "export.json"
@@ -150,13 +153,34 @@ def export_model(
     if is_artifact(source):
         model = read_config(source).source.model
         check_output(out, "export", [None if model == NAME else model], overwrite)
-    if config.retain < 1 and config.scorer == "qavtp":
+    if config.retain < 1 and config.scorer in LEARNED:
         if not is_artifact(source):
             raise QavtpError(
-                "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
+                f"scorer {config.scorer!r} needs a calibration artifact with fusion weights; pass one, "
+                "or --scorer qapruner"
             )
         fusion_params(read_config(source), config.retain)  # fail before loading anything
     return write_export(load_source(source, cache_dir), out, config)
+
+
+def _pruning_params(
+    config: ExportConfig, cfg: ArtifactConfig | None, dim: int
+) -> tuple[FusionParams | None, float | None]:
+    """The in-graph scorer's fusion parameters and the relevance weight theta of its DPP (None: no DPP)."""
+    if config.retain == 1 or config.scorer in ("semantic", "divprune"):
+        return None, None
+    if config.scorer == "cdpruner":
+        return None, CDPRUNER_THETA if config.relevance_weight is None else config.relevance_weight
+    if config.scorer == "qapruner":
+        return qapruner_params(dim), None
+    if cfg is None:
+        raise QavtpError(
+            f"scorer {config.scorer!r} needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
+        )
+    params = fusion_params(cfg, config.retain)
+    if config.scorer == "qavtp-dpp":
+        params = as_dpp(params, config.relevance_weight)
+    return params, params.theta if params.select == "dpp" else None
 
 
 def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
@@ -165,19 +189,11 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
     model, processor, adapter, cfg = loaded.model, loaded.processor, loaded.adapter, loaded.cfg
     n = _n_visual(model)
     k = keep_count(n, rho)
-    params = None
-    if rho < 1 and scorer == "qavtp":
-        if cfg is None:
-            raise QavtpError(
-                "scorer 'qavtp' needs a calibration artifact with fusion weights; pass one, or --scorer qapruner"
-            )
-        params = fusion_params(cfg, rho)
-    elif rho < 1 and scorer == "qapruner":
-        params = qapruner_params(adapter.embed_tokens.weight.shape[1])
+    params, theta = _pruning_params(config, cfg, adapter.embed_tokens.weight.shape[1])
     used_scorer = scorer if rho < 1 else None
     weight_fmt = fmt if cfg is not None else "fp32"
 
-    prefill = build_prefill(adapter, config.weights, n, k, used_scorer, params)
+    prefill = build_prefill(adapter, config.weights, Selection(n, k, used_scorer, params, theta))
     decode = build_decode(adapter, config.weights)
     prefix, suffix = _prompt_parts(processor)
     tok = processor.tokenizer
@@ -200,6 +216,7 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
             "layer": 0,
             "scorer": used_scorer,
             "fusion": params.to_dict() if params is not None else None,
+            "relevance_weight": theta,
         },
         "model": {
             "image_token": getattr(processor, "image_token", "<image>"),

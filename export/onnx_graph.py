@@ -8,6 +8,7 @@ model name the same tensors the same way and :mod:`qavtp.export.external_data` c
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -96,6 +97,41 @@ class Graph:
             raise ValueError(f"weight {name} registered twice with different contents")
         self.tensors[name] = t
         return name
+
+    def loop(
+        self,
+        trip_count: str,
+        states: list[tuple[str, int]],
+        body: Callable[[str, list[str]], tuple[list[str], list[str]]],
+        scan_types: list[int],
+    ) -> list[str]:
+        """An ONNX ``Loop`` of ``trip_count`` iterations: the final states, then the stacked scan outputs.
+
+        ``states`` are the initial values with their element types; ``body(iteration, states)`` adds the body's
+        nodes to this graph (its constants stay outer initializers, which a body may read) and returns the new
+        states and the per-iteration scan outputs (of ``scan_types``).
+        """
+        outer, self.nodes = self.nodes, []
+        it, cond = self.fresh("iteration"), self.fresh("cond")
+        state_in = [self.fresh("state") for _ in states]
+        new_states, scans = body(it, state_in)
+        # A body output must be a value the body computes, not one of its inputs.
+        new_states = [self.op("Identity", s) if s in state_in else s for s in new_states]
+        cond_out = self.op("Identity", cond)
+        vi = helper.make_tensor_value_info
+        inputs = [vi(it, TensorProto.INT64, []), vi(cond, TensorProto.BOOL, [])]
+        inputs += [vi(n, t, None) for n, (_, t) in zip(state_in, states, strict=True)]
+        outputs = [vi(cond_out, TensorProto.BOOL, [])]
+        outputs += [vi(n, t, None) for n, (_, t) in zip(new_states, states, strict=True)]
+        outputs += [vi(n, t, None) for n, t in zip(scans, scan_types, strict=True)]
+        graph = helper.make_graph(self.nodes, self.fresh("loop_body"), inputs, outputs)
+        self.nodes = outer
+        # An explicit condition: onnx.reference runs no iteration when the optional input is left out.
+        keep_going = self.const(True, np.bool_)
+        out = self.op(
+            "Loop", trip_count, keep_going, *[s for s, _ in states], outputs=len(states) + len(scans), body=graph
+        )
+        return out if isinstance(out, list) else [out]
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))

@@ -8,8 +8,7 @@ from onnx import TensorProto
 from qavtp.config import WeightFormat
 from qavtp.export.llava_graph import Decoder, left_padded_positions, vision_tokens
 from qavtp.export.onnx_graph import Graph
-from qavtp.export.pruning_subgraph import gather_rows, prune
-from qavtp.scoring import FusionParams
+from qavtp.export.pruning_subgraph import Selection, gather_rows, prune
 
 I64 = np.int64
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
@@ -19,9 +18,7 @@ def _cache_dims(dec: Decoder, seq: str) -> list:
     return ["batch", dec.kv_heads, seq, dec.head_dim]
 
 
-def build_prefill(
-    adapter, weights: WeightFormat, n_visual: int, k: int, scorer: str | None, params: FusionParams | None
-) -> Graph:
+def build_prefill(adapter, weights: WeightFormat, sel: Selection) -> Graph:
     """``pixel_values, input_ids, attention_mask`` -> last-position logits, presents, pruned mask, kept indices."""
     model = adapter.model
     vc = model.config.vision_config
@@ -32,8 +29,8 @@ def build_prefill(
     ids = g.input("input_ids", INT64, ["batch", "seq"])
     mask = g.input("attention_mask", INT64, ["batch", "seq"])
 
-    use_cls = k < n_visual and params is not None and scorer != "semantic" and params.semantic == "cls"
-    vis, cls = vision_tokens(g, adapter, pixels, -2 if use_cls else None)  # [B, N, D]
+    n_visual, k = sel.n, sel.k
+    vis, cls = vision_tokens(g, adapter, pixels, -2 if sel.uses_cls else None)  # [B, N, D]
     g.scope = "embed"
     is_image = g.op("Equal", ids, g.const(adapter.image_token_id, I64))
     # The placeholder id may lie outside the text vocabulary: embed id 0 there, as Adapter.embed does.
@@ -43,8 +40,8 @@ def build_prefill(
     vidx = g.op("Clip", g.op("Sub", count, g.const(1, I64)), g.const(0, I64), g.const(n_visual - 1, I64))
     emb = g.op("Where", g.op("Unsqueeze", is_image, g.const([-1], I64)), gather_rows(g, vis, vidx), text)
 
-    if k < n_visual:
-        p = prune(g, dec, emb, mask, is_image, vis, n_visual, k, scorer, params, cls)
+    if sel.pruned:
+        p = prune(g, dec, emb, mask, is_image, vis, sel, cls)
         emb, mask_out, positions, kept, scores = p.embeds, p.mask, p.positions, p.kept, p.scores
     else:
         mask_out, positions, scores = mask, left_padded_positions(g, mask), None

@@ -1,6 +1,7 @@
 """In-graph visual-token scoring and pruning before the LLM (K = 0), as ``qavtp.scoring`` / ``qavtp.pruning``.
 
-Scores ``[B, N]`` -> ``TopK(k)`` (ties to the lower index, like the stable sort of ``select_tokens``) ->
+Scores ``[B, N]`` -> ``TopK(k)`` (ties to the lower index, like the stable sort of ``select_tokens``), or the
+greedy DPP / max-min selection of ``qavtp.export.greedy_selection`` ->
 indices sorted ascending -> a keep mask over the L positions (text always kept) -> the ``L' = L - N + k``
 survivors in ascending order (a second ``TopK`` over ``-position``, survivors ranked first) ->
 ``GatherElements`` of embeddings and mask; positions recomputed contiguous as ``prune_sequence`` does.
@@ -14,6 +15,7 @@ import numpy as np
 from onnx import TensorProto
 
 from qavtp.export.fakequant import fake_quant
+from qavtp.export.greedy_selection import dpp_picks, maxmin_picks, relevance_quality, text_relevance
 from qavtp.export.llava_graph import Decoder, _heads, left_padded_positions, rmsnorm, seq_len
 from qavtp.export.onnx_graph import Graph
 from qavtp.scoring import FusionParams, semantic_layer
@@ -141,36 +143,68 @@ class PrunedSequence:
     mask: str  # [B, L']
     positions: str  # [B, L'] contiguous position ids
     kept: str  # [B, k] kept visual-token indices, ascending
-    scores: str | None  # [B, N]
+    scores: str | None  # [B, N] (None for the diversity selectors, whose scores are ranks)
 
 
-def prune(
-    g: Graph,
-    dec: Decoder,
-    emb: str,
-    mask: str,
-    is_image: str,
-    vis: str,
-    n: int,
-    k: int,
-    scorer: str,
-    params: FusionParams | None,
-    cls: str | None = None,
-) -> PrunedSequence:
-    """Score the N visual tokens, keep the top k, and drop the others from the sequence.
+@dataclass(frozen=True)
+class Selection:
+    """How the prefill graph keeps k of its n visual tokens: the scorer (None: all kept), the fusion parameters
+    of ``qavtp`` / ``qapruner`` / ``qavtp-dpp``, and ``theta``, the relevance weight of ``cdpruner``."""
 
-    ``cls`` is the vision tower's [CLS] attention ``[B, N]``, the relevance term when ``params.semantic`` is cls.
-    """
-    g.scope = "prune/score"
-    vis_pos = ordered_positions(g, is_image, g.const([n], I64))  # [B, N]
+    n: int
+    k: int
+    scorer: str | None
+    params: FusionParams | None = None
+    theta: float | None = None
+
+    @property
+    def pruned(self) -> bool:
+        return self.scorer is not None and self.k < self.n
+
+    @property
+    def uses_cls(self) -> bool:
+        """The relevance term is the vision tower's [CLS] attention."""
+        p = self.params
+        return self.pruned and p is not None and self.scorer != "semantic" and p.semantic == "cls"
+
+
+def select(
+    g: Graph, dec: Decoder, emb: str, mask: str, is_image: str, vis: str, vis_pos: str, sel: Selection, cls: str | None
+) -> tuple[str, str | None]:
+    """Each sample's k picks ``[B, k]`` (any order) and the scores they were ranked by (None for a greedy DPP or
+    max-min selection)."""
+    n, k, p = sel.n, sel.k, sel.params
+    if sel.scorer == "divprune":
+        g.scope = "prune/select"
+        return maxmin_picks(g, vis, n, k), None
+    if sel.scorer == "cdpruner":
+        quality = relevance_quality(g, text_relevance(g, vis, emb, mask, is_image), sel.theta)
+        g.scope = "prune/select"
+        return dpp_picks(g, vis, quality, n, k), None
     if cls is not None:
         sem = cls
     else:
-        at = semantic_layer(params.semantic) if params is not None and scorer != "semantic" else 0
+        at = semantic_layer(p.semantic) if p is not None and sel.scorer != "semantic" else 0
         sem = text_attention(g, dec, emb, mask, left_padded_positions(g, mask), vis_pos, at)
-    scores = sem if scorer == "semantic" else fused_scores(g, sem, vis, dec.hidden, params, qdq_ops=dec.weights.ort)
+    scores = sem if sel.scorer == "semantic" else fused_scores(g, sem, vis, dec.hidden, p, qdq_ops=dec.weights.ort)
     g.scope = "prune/select"
-    _, top = g.op("TopK", scores, g.const([k], I64), axis=-1, largest=1, sorted=1, outputs=2)
+    if p is not None and p.select == "dpp":
+        return dpp_picks(g, vis, relevance_quality(g, scores, p.theta), n, k), None
+    return g.op("TopK", scores, g.const([k], I64), axis=-1, largest=1, sorted=1, outputs=2)[1], scores
+
+
+def prune(
+    g: Graph, dec: Decoder, emb: str, mask: str, is_image: str, vis: str, sel: Selection, cls: str | None = None
+) -> PrunedSequence:
+    """Score the N visual tokens, keep the top k (or a greedy DPP / max-min selection of k), drop the others.
+
+    ``cls`` is the vision tower's [CLS] attention ``[B, N]``, the relevance term when ``sel.params.semantic`` is cls.
+    """
+    g.scope = "prune/score"
+    n, k = sel.n, sel.k
+    vis_pos = ordered_positions(g, is_image, g.const([n], I64))  # [B, N]
+    top, scores = select(g, dec, emb, mask, is_image, vis, vis_pos, sel, cls)
+    g.scope = "prune/select"
     kept, _ = g.op("TopK", top, g.const([k], I64), axis=-1, largest=0, sorted=1, outputs=2)  # ascending order
     kept_pos = g.op("GatherElements", vis_pos, kept, axis=1)
     survive = g.op("Cast", g.op("Not", is_image), to=TensorProto.INT64)

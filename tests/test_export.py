@@ -55,6 +55,8 @@ FUSION = FusionParams(0.7, 0.3, -1, "zscore", "linf", True, {"bits": 4, "symmetr
 FUSION_CLS = FusionParams(0.6, 0.5, 1, "minmax", "range", False, {"bits": 4, "symmetric": True, "group_size": 0}, "cls")
 # Layer 1's text attention on the full prompt as the relevance term: the graph runs layer 0 twice (scoring, LLM).
 FUSION_DEEP = FusionParams(**{**FUSION_CLS.to_dict(), "alpha": 0.5, "semantic": "text-l1"})
+# The fused score as the quality of a DPP (the learned fusion's select="dpp"): the graph runs a greedy-MAP Loop.
+FUSION_DPP = FusionParams(**{**FUSION.to_dict(), "select": "dpp", "theta": 0.6})
 
 
 def _with_fusion(artifact, out, params: FusionParams):
@@ -100,12 +102,26 @@ def deep_artifact(artifact, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def dpp_artifact(artifact, tmp_path_factory):
+    return _with_fusion(artifact, tmp_path_factory.mktemp("artp") / "w4a4p", FUSION_DPP)
+
+
+@pytest.fixture(scope="module")
 def rows(padded_rows):
     return padded_rows
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artifact, deep_artifact, tmp_path_factory):
+def exports(
+    tiny_llava_dir,
+    artifact,
+    fusion_artifact,
+    cls_artifact,
+    vocab_artifact,
+    deep_artifact,
+    dpp_artifact,
+    tmp_path_factory,
+):
     root = tmp_path_factory.mktemp("exports")
     specs = {
         "qdq": (fusion_artifact, 0.25, "qavtp", "qdq"),
@@ -117,6 +133,11 @@ def exports(tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artif
         "vocab": (vocab_artifact, 0.25, "qapruner", "qdq"),
         "vocab-ort": (vocab_artifact, 0.25, "qapruner", "ort"),
         "deep": (deep_artifact, 0.25, "qavtp", "qdq"),
+        # Greedy selections in a Loop: the learned DPP, qavtp-dpp forced on top-k weights, CDPruner, DivPrune.
+        "dpp": (dpp_artifact, 0.25, "qavtp", "ort"),
+        "qavtp-dpp": (fusion_artifact, 0.25, "qavtp-dpp", "qdq"),
+        "cdpruner": (fusion_artifact, 0.25, "cdpruner", "qdq"),
+        "divprune": (tiny_llava_dir, 0.25, "divprune", "qdq"),
     }
     return {k: export_model(str(s), root / k, ExportConfig(r, sc, f)) for k, (s, r, sc, f) in specs.items()}
 
@@ -138,7 +159,7 @@ def _rel(a, b) -> float:
 
 
 def _load(which, tiny_llava_dir, artifact, fusion_artifact, cls_artifact=None, vocab_artifact=None):
-    if which == "fp32":
+    if which in ("fp32", "divprune"):
         return load_model(tiny_llava_dir)
     sources = {"qapruner": artifact, "dense": artifact, "cls": cls_artifact, "deep": artifact}  # same weights
     source = {**sources, "vocab": vocab_artifact, "vocab-ort": vocab_artifact}.get(which, fusion_artifact)
@@ -198,6 +219,7 @@ def test_graphs_are_valid_onnx_and_share_one_weights_file(exports, tmp_path):
         "layer": 0,
         "scorer": "qavtp",
         "fusion": FUSION.to_dict(),
+        "relevance_weight": None,
     }
     assert meta["quantization"]["weight_format"] == "ort" and meta["quantization"]["method"] == "quarot"
     ops = {n.op_type for n in onnx.load(str(exports["ort"] / "decode.onnx"), load_external_data=False).graph.node}
@@ -231,7 +253,11 @@ def test_graphs_are_valid_onnx_and_share_one_weights_file(exports, tmp_path):
 # ---------------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("which", ["qdq", "ort", "cls", "qapruner", "dense", "fp32", "vocab", "vocab-ort", "deep"])
+@pytest.mark.parametrize(
+    "which",
+    ["qdq", "ort", "cls", "qapruner", "dense", "fp32", "vocab", "vocab-ort", "deep", "dpp", "qavtp-dpp", "cdpruner"]
+    + ["divprune"],
+)
 def test_prefill_and_decode_match_torch(
     which, exports, rows, tiny_llava_dir, artifact, fusion_artifact, cls_artifact, vocab_artifact
 ):
@@ -239,13 +265,15 @@ def test_prefill_and_decode_match_torch(
     meta = read_meta(exports[which])
     rho, scorer = meta["pruning"]["retain"], meta["pruning"]["scorer"]
     enc = encode(processor, *rows)
-    fusion = {"cls": FUSION_CLS, "deep": FUSION_DEEP}.get(which, FUSION)
+    fusion = {"cls": FUSION_CLS, "deep": FUSION_DEEP, "dpp": FUSION_DPP}.get(which, FUSION)
     ref, pr, keep, scores = _torch_prefill(model, adapter, enc, scorer, rho, fusion)
     got = _run(_session(exports[which] / "prefill.onnx"), _feeds(enc))
 
     assert np.array_equal(got["kept_indices"], keep.numpy())
     assert np.array_equal(got["attention_mask_out"], pr.attention_mask.numpy())
-    if scores is not None:
+    # A greedy selection's torch scores are ranks; the graph outputs the picks only.
+    assert ("scores" in got) == (scores is not None and which not in ("dpp", "qavtp-dpp", "cdpruner", "divprune"))
+    if "scores" in got:
         assert np.abs(got["scores"] - scores.numpy()).max() < 1e-4
     assert _rel(got["logits"], ref.logits[:, -1]) < LOGIT_RTOL
     real = pr.attention_mask.numpy().astype(bool)
@@ -285,7 +313,7 @@ class GatherElements(OpRun):
         return (np.take_along_axis(data, indices, axis=axis),)
 
 
-@pytest.mark.parametrize("which", ["qdq", "vocab", "deep"])
+@pytest.mark.parametrize("which", ["qdq", "vocab", "deep", "qavtp-dpp", "cdpruner", "divprune"])
 def test_reference_evaluator_matches_onnxruntime(which, exports, rows, tiny_llava_dir):
     """The qdq graph is plain ONNX: onnx's pure-Python runtime computes what onnxruntime does (also the bit-op
     unpacking of a 4-bit embedding)."""
@@ -391,7 +419,7 @@ def test_run_never_imports_torch(runtime, exports, easyvqa_test, tmp_path):
     assert ("vision+scoring+prune" in res.stdout) == (runtime == "onnxruntime")  # per-stage: onnxruntime's profiler
 
 
-@pytest.mark.parametrize("which", ["fp32", "qdq"])
+@pytest.mark.parametrize("which", ["fp32", "qdq", "qavtp-dpp", "cdpruner", "divprune"])
 def test_openvino_runs_the_portable_graphs(which, exports, easyvqa_test):
     """A second production runtime: OpenVINO (float32, no dynamic activation quantization) keeps the same tokens
     and computes the logits onnxruntime does, through the prefill and a decode step. (Its float ``Div`` is not
