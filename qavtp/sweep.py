@@ -104,7 +104,8 @@ def write_sweep(out: Path, runs: list[dict], report: str, dataset, spec: SweepSp
         pruned = [r for r in spec.ratios if r < 1]
         if pruned:
             label = next(r["model"] for r in reversed(runs))
-            shown = [s for s in ("semantic", "qapruner", "qavtp") if s in spec.scorers] or list(spec.scorers[:2])
+            drawn = ("semantic", "qapruner", "qavtp", "divprune", "cdpruner", "qavtp-dpp")
+            shown = [s for s in drawn if s in spec.scorers] or list(spec.scorers[:2])
             plot_kept_tokens(dataset, runs, label, shown, min(pruned), tmp / "kept_tokens.png")
             written.append("kept_tokens.png")
     return written
