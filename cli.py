@@ -14,6 +14,7 @@ import click
 from qavtp.calibrate.recipes import DESCRIPTIONS as RECIPE_DESCRIPTIONS
 from qavtp.calibrate.recipes import RECIPES, apply_recipe
 from qavtp.config import (
+    ACTIVATION_MODES,
     EXPORT_SCORERS,
     OBJECTIVES,
     POSITIONS,
@@ -107,6 +108,7 @@ EXPORT_FLAGS = {
     "format": "--format",
     "accuracy_level": "--accuracy-level",
     "relevance_weight": "--relevance-weight",
+    "activations": "--activations",
 }
 
 
@@ -634,9 +636,9 @@ def eval_onnx(export_dir, data_spec, split, limit, seed, batch_size, compare, ou
     res = evaluate_export(em, ds, batch_size)
     res["seconds"] = round(time.time() - t0, 1)
     pr = em.meta["pruning"]
-    how = f"retain {pr['retain']:g} by {pr['scorer']}" if pr["scorer"] else "dense"
+    how = f"retain {pr['retain']:g} by {pr['scorer']}, {em.numerics}" if pr["scorer"] else f"dense, {em.numerics}"
     click.echo(markdown_table(res, f"ONNX {export_dir} ({runtime}) on {data_spec} ({split}, n={len(ds)}, {how})"))
-    res["runtime"] = runtime
+    res["runtime"], res["numerics"] = runtime, em.numerics
     out = {"onnx": res}
     if compare:
         out["torch"], kept = evaluate_like_export(em.meta, ds, batch_size, cache_dir)
@@ -709,20 +711,30 @@ def ppl(model, artifact, seq_len, windows, output, cache_dir):
     help="INT4 weights as standard DequantizeLinear (qdq) or onnxruntime MatMulNBits (ort).",
 )
 @click.option(
+    "--activations",
+    type=click.Choice(ACTIVATION_MODES),
+    default="exact",
+    show_default=True,
+    help="exact: the calibrated W4A4 activation quantizers in the graph (validation, 4-bit hardware); runtime: int4 "
+    "weights as calibrated, activations left to the runtime's fastest kernel.",
+)
+@click.option(
     "--accuracy-level",
     type=click.IntRange(0, 4),
-    default=0,
-    show_default=True,
-    help="MatMulNBits accuracy level (4: int8 activations inside the kernel, faster, not bit-faithful).",
+    default=None,
+    help="MatMulNBits accuracy level (4: int8 activations inside the kernel, faster, not bit-faithful); "
+    "default 0 with --activations exact, 4 with runtime.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing export directory.")
 @cache_option
-def export_cmd(source, output, retain, scorer, relevance_weight, fmt, accuracy_level, overwrite, cache_dir):
+def export_cmd(
+    source, output, retain, scorer, relevance_weight, fmt, activations, accuracy_level, overwrite, cache_dir
+):
     """Export SOURCE (a calibration artifact, a LLaVA directory or smollava-easyvqa) to ONNX."""
     from qavtp.export.export_model import export_model
 
     with flags_named(EXPORT_FLAGS):
-        config = ExportConfig(retain, scorer, fmt, accuracy_level, relevance_weight)
+        config = ExportConfig(retain, scorer, fmt, accuracy_level, relevance_weight, activations)
         out = export_model(source, output, config, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(f"wrote {out}")
 
@@ -749,7 +761,7 @@ def run_cmd(export_dir, image, question, max_new_tokens, threads, runtime):
     gen = model.generate(im, question, max_new_tokens)
     t = gen.timings_ms
     click.echo(gen.text.strip())
-    click.echo(f"visual tokens kept: {gen.kept}/{gen.n_visual}")
+    click.echo(f"visual tokens kept: {gen.kept}/{gen.n_visual}; {model.numerics}")
     rate = t["decode_steps"] / (t["decode_ms"] / 1000) if t["decode_steps"] else float("nan")
     prefill = f"prefill wall {t['prefill_wall_ms']:.1f} ms"
     if "llm_prefill_ms" in t:  # kernel times per stage come from onnxruntime's profiler

@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("results", nargs="+", help="results.json files of qavtp eval sweeps")
     ap.add_argument("--ref", default="qavtp", help="the scorer the others are compared with")
     ap.add_argument(
+        "--ref-model", default=None, help="the model label of the reference run (default: the last model in the files)"
+    )
+    ap.add_argument(
         "--subset",
         type=int,
         default=0,
@@ -47,9 +50,14 @@ def main() -> None:
         for run in json.loads(Path(path).read_text())["runs"]:
             label = f"{run['model']} {run['scorer']}" + (f", K = {run['layer']}" if run.get("layer") else "")
             runs.append((label, run))
+    ref_model = args.ref_model or runs[-1][1]["model"]  # a sweep with --with-fp lists the FP model first
     lines = ["| retain | ref − other | other's accuracy | ref − other (points) |", "|---:|---|---:|---:|"]
     for rho in sorted({r["retain"] for _, r in runs if r["retain"] < 1}, reverse=True):
-        refs = [r for _, r in runs if r["scorer"] == args.ref and r["retain"] == rho and not r.get("layer")]
+        refs = [
+            r
+            for _, r in runs
+            if r["scorer"] == args.ref and r["retain"] == rho and not r.get("layer") and r["model"] == ref_model
+        ]
         if not refs:
             continue
         ref = refs[0]
@@ -58,7 +66,7 @@ def main() -> None:
                 continue
             m, h = paired(ref["correct"], run["correct"])
             diff = f"{100 * m:+.1f} ± {100 * h:.1f}"
-            lines.append(f"| {rho:g} | {args.ref} − {label} | {100 * run['accuracy']:.1f} | {diff} |")
+            lines.append(f"| {rho:g} | {ref_model} {args.ref} − {label} | {100 * run['accuracy']:.1f} | {diff} |")
     print("\n".join(lines))
 
 

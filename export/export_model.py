@@ -94,14 +94,16 @@ def _load(source: str, cache_dir):
     return model, processor, adapter, None, {"kind": "model", "path": str(path), "fingerprint": fingerprint(path)}
 
 
-def _quantization(cfg: ArtifactConfig | None, fmt: str, accuracy_level: int) -> dict:
+def _quantization(cfg: ArtifactConfig | None, fmt: str, config: ExportConfig) -> dict:
     if cfg is None:
-        return {"weights": None, "activations": None, "method": None, "weight_format": "fp32"}
+        return {"weights": None, "activations": None, "method": None, "weight_format": "fp32", "mode": None}
     opts = cfg.options.to_dict()
     transforms = cfg.calibration.transforms
     return {
         "weight_format": fmt,
-        "accuracy_level": accuracy_level if fmt == "ort" else None,
+        # exact: the activations quantized as calibrated; runtime: as the runtime's kernel does (accuracy level).
+        "mode": config.activations,
+        "accuracy_level": config.accuracy_level if fmt == "ort" else None,
         "method": opts["method"],
         "gptq": opts["gptq"],
         "weights": opts["weights"],
@@ -208,7 +210,7 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
         "source": loaded.source,
         "files": {"prefill": PREFILL, "decode": DECODE, "weights": WEIGHTS},
         "graphs": {"prefill": _graph_io(prefill), "decode": _graph_io(decode)},
-        "quantization": _quantization(cfg, weight_fmt, accuracy_level),
+        "quantization": _quantization(cfg, weight_fmt, config),
         "pruning": {
             "retain": rho,
             "n_visual": n,

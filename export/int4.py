@@ -80,10 +80,11 @@ def _bias(g: Graph, y: str, bias: torch.Tensor | None, name: str) -> str:
 
 def quant_linear(g: Graph, x: str, m: QuantLinear, name: str, weights: WeightFormat, act: bool = True) -> str:
     """``F.linear(Qa(x), dequant(W), b)``: the module's own activation quantizer first, as in torch (unless
-    ``act`` is false: the pruning scorer reads attention with the weights alone)."""
+    ``act`` is false: the pruning scorer reads attention with the weights alone; or the export leaves the
+    activations to the runtime's kernel, ``weights.activations == "runtime"``)."""
     if m.wspec.bits not in (4, 8):
         raise QavtpError(f"{name}: {m.wspec.bits}-bit weights cannot be exported (ONNX has 4- and 8-bit types)")
-    if m.aspec is not None and act:
+    if m.aspec is not None and act and weights.exact:
         x = fake_quant(g, x, m.aspec, m.in_features, qdq_ops=weights.ort)
     block = check_group_size(m.in_features, m.wspec.group_size)
     if weights.ort and m.wspec.bits == 4:

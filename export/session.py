@@ -444,6 +444,16 @@ class ExportedModel:
             feeds[f"past.{i}.value"] = past[f"present.{i}.value"]
         return self.decode(feeds)
 
+    @property
+    def numerics(self) -> str:
+        """What the graph computes, in words: ``fp32``, or the int4 format and the activations' mode."""
+        q = self.meta.get("quantization")
+        if not isinstance(q, dict) or q.get("weight_format") in (None, "fp32"):
+            return "fp32"
+        level = f", accuracy level {q['accuracy_level']}" if q.get("accuracy_level") is not None else ""
+        # Exports before the two modes existed are exact.
+        return f"int4 weights ({q['weight_format']}{level}), {q.get('mode') or 'exact'} activations"
+
     def stage_times(self) -> dict:
         """Kernel time per stage of the profiled prefill run (node names carry their stage)."""
         if self._profile_dir is None:

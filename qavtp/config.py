@@ -28,6 +28,9 @@ PRECISIONS = ("auto", "bf16", "fp32")  # training's compute precision; auto: bf1
 OBJECTIVES = ("kl", "choice-kl", "accuracy")  # what the fusion search minimises
 EXPORT_SCORERS = ("qavtp", "qapruner", "semantic", "divprune", "cdpruner", "qavtp-dpp")
 EXPORT_FORMATS = ("qdq", "ort")
+# exact: the calibrated W4A4 numerics in the graph; runtime: int4 weights as calibrated, activations left to the
+# runtime's fastest kernel (MatMulNBits' int8 activations at accuracy level 4).
+ACTIVATION_MODES = ("exact", "runtime")
 
 
 class ConfigError(QavtpError):
@@ -260,9 +263,11 @@ class WeightFormat:
 
     format: str = "qdq"
     accuracy_level: int = 0
+    activations: str = "exact"
 
     def __post_init__(self) -> None:
         _choice("format", self.format, EXPORT_FORMATS)
+        _choice("activations", self.activations, ACTIVATION_MODES)
         _int("accuracy_level", self.accuracy_level, 0)
         if self.accuracy_level > 4:
             raise ConfigError("accuracy_level", f"must be 0 to 4, got {self.accuracy_level}")
@@ -272,6 +277,11 @@ class WeightFormat:
         """onnxruntime's contrib ops (MatMulNBits, the blocked activation Q/DQ) may be used."""
         return self.format == "ort"
 
+    @property
+    def exact(self) -> bool:
+        """The linears' activation quantizers are in the graph (``activations == "exact"``)."""
+        return self.activations == "exact"
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -280,8 +290,9 @@ class ExportConfig:
     retain: float = 1.0
     scorer: str = "qavtp"  # ignored at retain 1
     format: str = "qdq"  # qdq: standard DequantizeLinear; ort: onnxruntime's MatMulNBits
-    accuracy_level: int = 0  # MatMulNBits' (4: int8 activations inside the kernel)
+    accuracy_level: int | None = None  # MatMulNBits' (4: int8 activations inside the kernel); None: 0 exact, 4 runtime
     relevance_weight: float | None = None  # theta of cdpruner (0.5) and qavtp-dpp (the learned one)
+    activations: str = "exact"  # exact: the calibrated activation quantizers in the graph; runtime: the runtime's
 
     def __post_init__(self) -> None:
         try:
@@ -290,11 +301,14 @@ class ExportConfig:
             raise ConfigError("retain", f"must be a retention ratio in (0, 1], got {self.retain}") from e
         _choice("scorer", self.scorer, EXPORT_SCORERS)
         _theta(self.relevance_weight, (self.scorer,))
-        WeightFormat(self.format, self.accuracy_level)  # checks the format and level
+        _choice("activations", self.activations, ACTIVATION_MODES)
+        if self.accuracy_level is None:
+            object.__setattr__(self, "accuracy_level", 0 if self.activations == "exact" else 4)
+        WeightFormat(self.format, self.accuracy_level, self.activations)  # checks the format and level
 
     @property
     def weights(self) -> WeightFormat:
-        return WeightFormat(self.format, self.accuracy_level)
+        return WeightFormat(self.format, self.accuracy_level, self.activations)
 
 
 EVAL_MODES = ("loglik", "generate")

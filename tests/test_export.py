@@ -22,7 +22,7 @@ from PIL import Image
 
 from qavtp.calibrate.artifact import load_artifact
 from qavtp.calibrate.calibration import run_calibration
-from qavtp.calibrate.quantizers import QuantEmbedding, QuantSpec, fake_quant_activation
+from qavtp.calibrate.quantizers import QuantEmbedding, QuantLinear, QuantSpec, fake_quant_activation
 from qavtp.cli import main
 from qavtp.config import ExportConfig
 from qavtp.errors import QavtpError
@@ -630,3 +630,35 @@ def test_learned_group_scales_are_exported(fmt, vocab_artifact, tmp_path):
     assert res["agreement"]["same_answers"] == 1.0 and res["agreement"]["same_kept_tokens"] == 1.0
     margins = [[p["margin"] for p in res[k]["predictions"]] for k in ("torch", "onnx")]
     assert np.allclose(*margins, atol=1e-2), margins  # ~2e-3 here; the unscaled graph's differ by 0.08
+
+
+def test_runtime_activations_leave_quantization_to_the_kernel(exports, fusion_artifact, rows, tmp_path):
+    """``--activations runtime``: the same int4 weights and pruning subgraph, no activation quantizer on any linear;
+    at accuracy level 0 it computes the torch model with its activation quantizers off, at the default level 4
+    onnxruntime's int8 activations; the exact graph stays as it was."""
+    art = str(fusion_artifact)
+    rt0 = export_model(art, tmp_path / "rt0", ExportConfig(0.25, "qavtp", "ort", 0, None, "runtime"))
+    rt4 = export_model(art, tmp_path / "rt4", ExportConfig(0.25, "qavtp", "ort", activations="runtime"))
+    q = read_meta(rt4)["quantization"]
+    assert (q["mode"], q["accuracy_level"]) == ("runtime", 4)
+    assert read_meta(exports["ort"])["quantization"]["mode"] == "exact"
+
+    def llm_ops(d):
+        g = onnx.load(str(d / "prefill.onnx"), load_external_data=False).graph
+        return {n.op_type for n in g.node if n.name.startswith("llm/")}
+
+    assert {"Round", "QuantizeLinear"} & llm_ops(exports["ort"]) and not {"Round", "QuantizeLinear"} & llm_ops(rt0)
+    model, processor, adapter, _ = load_artifact(fusion_artifact)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.aspec = None
+    enc = encode(processor, *rows)
+    ref, _, keep, _ = _torch_prefill(model, adapter, enc, "qavtp", 0.25, FUSION)
+    got0, got4 = (_run(_session(d / "prefill.onnx"), _feeds(enc)) for d in (rt0, rt4))
+    exact = _run(_session(exports["ort"] / "prefill.onnx"), _feeds(enc))
+    for got in (got0, got4):
+        assert np.array_equal(got["kept_indices"], keep.numpy())
+        assert np.array_equal(got["kept_indices"], exact["kept_indices"])
+    assert _rel(got0["logits"], ref.logits[:, -1]) < LOGIT_RTOL
+    assert _rel(got4["logits"], got0["logits"]) < 0.05
+    assert _rel(exact["logits"], ref.logits[:, -1]) > 10 * LOGIT_RTOL  # the exact graph does quantize activations

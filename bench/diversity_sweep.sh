@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 26's measurements on the reference model: DivPrune, CDPruner and qavtp's DPP against the other scorers,
+# FP32 and the main job's W4A4 artifact, at 1, 0.5, 0.25 and 0.125, with paired intervals; then the exported
+# greedy selections against torch (eval-onnx --compare, onnxruntime and OpenVINO) and their prefill cost.
+#
+#   bash bench/diversity_sweep.sh [N_QUESTIONS]      (needs runs/main/w4a4 from the README's main job)
+#
+# Results under runs/div/; bench/results/diversity_sweep.md quotes them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-1000}"
+ART=runs/main/w4a4
+OUT=runs/div
+mkdir -p "$OUT"
+
+# The main job learns fusion weights for 12.5 % only: a copy learns them for every pruned ratio of the sweep.
+if [ ! -f "$OUT/w4a4/config.json" ]; then
+  rm -rf "$OUT/w4a4.tmp" && cp -r "$ART" "$OUT/w4a4.tmp" && mv "$OUT/w4a4.tmp" "$OUT/w4a4"
+  qavtp fuse "$OUT/w4a4" --retain 0.5,0.25,0.125
+fi
+
+qavtp eval --artifact "$OUT/w4a4" --limit "$N" --retain 1,0.5,0.25,0.125 \
+  --scorer semantic,random,divprune,cdpruner,qapruner,qavtp,qavtp-dpp \
+  --with-fp --fp-scorers semantic,random,divprune,cdpruner,qapruner -o "$OUT/sweep"
+python bench/paired_diff.py "$OUT/sweep/results.json" --ref qavtp
+python bench/paired_diff.py "$OUT/sweep/results.json" --ref cdpruner
+
+# The exported selections at 12.5 %: torch and the runtimes keep the same tokens.
+for scorer in qavtp cdpruner divprune qavtp-dpp; do
+  qavtp export "$OUT/w4a4" -o "$OUT/onnx-$scorer" --retain 0.125 --scorer "$scorer" --format ort --overwrite
+  qavtp eval-onnx "$OUT/onnx-$scorer" --limit 200 --compare -o "$OUT/eval-$scorer"
+  qavtp export "$OUT/w4a4" -o "$OUT/onnx-$scorer-qdq" --retain 0.125 --scorer "$scorer" --format qdq --overwrite
+  qavtp eval-onnx "$OUT/onnx-$scorer-qdq" --limit 200 --compare --runtime openvino -o "$OUT/eval-$scorer-ov"
+done
+python bench/selection_parity.py "$OUT"/onnx-{qavtp,cdpruner,divprune,qavtp-dpp}-qdq --questions 4
+python bench/selection_cost.py --artifact "$OUT/w4a4" --retain 0.125 --runs 20 --threads 2
