@@ -8,29 +8,26 @@
 # Results under runs/div/; bench/results/diversity_sweep.md quotes them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N="${1:-1000}"
+N="${1:-500}"
 ART=runs/main/w4a4
 OUT=runs/div
 mkdir -p "$OUT"
 
-# The main job learns fusion weights for 12.5 % only: a copy learns them for every pruned ratio of the sweep.
-if [ ! -f "$OUT/w4a4/config.json" ]; then
-  rm -rf "$OUT/w4a4.tmp" && cp -r "$ART" "$OUT/w4a4.tmp" && mv "$OUT/w4a4.tmp" "$OUT/w4a4"
-  qavtp fuse "$OUT/w4a4" --retain 0.5,0.25,0.125
-fi
-
-qavtp eval --artifact "$OUT/w4a4" --limit "$N" --retain 1,0.5,0.25,0.125 \
-  --scorer semantic,random,divprune,cdpruner,qapruner,qavtp,qavtp-dpp \
-  --with-fp --fp-scorers semantic,random,divprune,cdpruner,qapruner -o "$OUT/sweep"
-python bench/paired_diff.py "$OUT/sweep/results.json" --ref qavtp
-python bench/paired_diff.py "$OUT/sweep/results.json" --ref cdpruner
+# The main job learns fusion weights for 12.5 % only, so qavtp and qavtp-dpp are swept there; the rest everywhere.
+SCORERS=semantic,random,divprune,cdpruner,qapruner
+qavtp eval --artifact "$ART" --limit "$N" --retain 1,0.5,0.25,0.125 --scorer "$SCORERS" -o "$OUT/sweep-w4a4"
+qavtp eval --artifact "$ART" --limit "$N" --retain 0.125 --scorer qavtp,qavtp-dpp -o "$OUT/sweep-w4a4-learned"
+qavtp eval --limit "$N" --retain 1,0.5,0.25,0.125 --scorer "$SCORERS" -o "$OUT/sweep-fp"
+python bench/paired_diff.py "$OUT/sweep-w4a4/results.json" "$OUT/sweep-w4a4-learned/results.json" --ref qavtp
+python bench/paired_diff.py "$OUT/sweep-w4a4/results.json" "$OUT/sweep-w4a4-learned/results.json" --ref cdpruner
+python bench/paired_diff.py "$OUT/sweep-fp/results.json" --ref cdpruner
 
 # The exported selections at 12.5 %: torch and the runtimes keep the same tokens.
 for scorer in qavtp cdpruner divprune qavtp-dpp; do
-  qavtp export "$OUT/w4a4" -o "$OUT/onnx-$scorer" --retain 0.125 --scorer "$scorer" --format ort --overwrite
+  qavtp export "$ART" -o "$OUT/onnx-$scorer" --retain 0.125 --scorer "$scorer" --format ort --overwrite
   qavtp eval-onnx "$OUT/onnx-$scorer" --limit 200 --compare -o "$OUT/eval-$scorer"
-  qavtp export "$OUT/w4a4" -o "$OUT/onnx-$scorer-qdq" --retain 0.125 --scorer "$scorer" --format qdq --overwrite
+  qavtp export "$ART" -o "$OUT/onnx-$scorer-qdq" --retain 0.125 --scorer "$scorer" --format qdq --overwrite
   qavtp eval-onnx "$OUT/onnx-$scorer-qdq" --limit 200 --compare --runtime openvino -o "$OUT/eval-$scorer-ov"
 done
 python bench/selection_parity.py "$OUT"/onnx-{qavtp,cdpruner,divprune,qavtp-dpp}-qdq --questions 4
-python bench/selection_cost.py --artifact "$OUT/w4a4" --retain 0.125 --runs 20 --threads 2
+python bench/selection_cost.py --artifact "$ART" --retain 0.125 --runs 20 --threads 2

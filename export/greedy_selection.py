@@ -17,6 +17,13 @@ I64 = np.int64
 F32 = np.float32
 EPS = 1e-10  # qavtp.diversity.EPS
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's
+DPP_GRID, MAXMIN_GRID = 2.0**12, 2.0**12  # qavtp.diversity's
+
+
+def _pick(g: Graph, values: str, scale: str, grid: float) -> str:
+    """``qavtp.diversity.pick``: ``ArgMax`` of ``values / scale`` in steps of ``1 / grid`` (half to even, as torch)."""
+    key = g.op("Round", g.op("Mul", g.op("Div", values, scale), g.const(F32(grid))))
+    return g.op("ArgMax", key, axis=-1, keepdims=1)
 
 
 def _l2_normalize(g: Graph, x: str) -> str:
@@ -71,12 +78,13 @@ def dpp_picks(g: Graph, x: str, quality: str, n: int, k: int) -> str:
              g.op("Unsqueeze", quality, g.const([1], I64)))  # fmt: skip
     d2 = g.op("ReduceSum", g.op("Mul", L, g.const(np.eye(n, dtype=F32))), g.const([-1], I64), keepdims=0)  # diag
     batch = g.op("Shape", quality, end=1)
+    scale = g.op("Max", g.op("ReduceMax", d2, g.const([-1], I64), keepdims=1), g.const(F32(EPS)))
     rows = g.op("Expand", g.const(F32(0)), g.op("Concat", batch, g.const([k, n], I64), axis=0))  # [B, k, N]
     slot = g.const(np.arange(k).reshape(1, k, 1), I64)
 
     def body(i: str, state: list[str]) -> tuple[list[str], list[str]]:
         d2, c = state
-        j = g.op("ArgMax", d2, axis=-1, keepdims=1)  # [B, 1]
+        j = _pick(g, d2, scale, DPP_GRID)  # [B, 1]
         dj = g.op("Sqrt", g.op("Max", g.op("GatherElements", d2, j, axis=1), g.const(F32(0))))  # [B, 1]
         at_j = g.op(
             "Expand", g.op("Unsqueeze", j, g.const([-1], I64)), g.op("Concat", batch, g.const([k, 1], I64), axis=0)
@@ -100,12 +108,12 @@ def maxmin_picks(g: Graph, x: str, n: int, k: int) -> str:
     nearest = g.op(
         "Squeeze", g.op("Slice", two, g.const([1], I64), g.const([2], I64), g.const([1], I64)), g.const([1], I64)
     )
-    first = g.op("ArgMax", nearest, axis=-1, keepdims=1)  # [B, 1]
+    first = _pick(g, nearest, g.const(F32(1)), MAXMIN_GRID)  # [B, 1]
     to_picked = _mark(g, _row(g, dist, first, n), first)
 
     def body(_: str, state: list[str]) -> tuple[list[str], list[str]]:
         (to_picked,) = state
-        j = g.op("ArgMax", to_picked, axis=-1, keepdims=1)
+        j = _pick(g, to_picked, g.const(F32(1)), MAXMIN_GRID)
         # min(-inf, .) keeps every picked token at -inf: the mask torch applies before its argmax.
         to_picked = _mark(g, g.op("Min", to_picked, _row(g, dist, j, n)), j)
         return [to_picked], [g.op("Squeeze", j, g.const([1], I64))]

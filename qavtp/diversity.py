@@ -24,6 +24,18 @@ from torch import Tensor
 from qavtp.errors import QavtpError
 
 EPS = 1e-10
+# Greedy choices compare values on a grid: closer than one step they are ties, taken by the lower index. When the
+# visual tokens are nearly collinear (cosine similarities near 1, as the reference model's aligned projector makes
+# them), the DPP's gains fall after a few picks to ~1e-6 of the kernel's scale, where float32 cancellation decides
+# them and torch and an ONNX runtime would disagree: gains are compared on a 2^-12 grid of the kernel's largest
+# diagonal entry, max-min distances (no cancellation) on a 2^-12 grid.
+DPP_GRID = 2.0**12
+MAXMIN_GRID = 2.0**12
+
+
+def pick(values: Tensor, scale: Tensor | float, grid: float) -> Tensor:
+    """``argmax`` over the last axis of ``values / scale`` rounded to steps of ``1 / grid``: ties to the lower index."""
+    return torch.round(values / scale * grid).argmax(-1)
 
 
 def _cosine(x: Tensor) -> Tensor:
@@ -42,12 +54,12 @@ def divprune_order(features: Tensor) -> Tensor:
     # First pick: the largest distance to the nearest other token (the second smallest of a column: 0 is itself).
     nearest = dist.topk(2, dim=1, largest=False).values[:, 1]  # [B, N]
     order = torch.empty(B, N, dtype=torch.long, device=dist.device)
-    order[:, 0] = nearest.argmax(-1)
+    order[:, 0] = pick(nearest, 1.0, MAXMIN_GRID)
     to_picked = dist[rows, order[:, 0]]  # [B, N] distance of every token to the picked set (its min)
     picked = torch.zeros(B, N, dtype=torch.bool, device=dist.device)
     picked[rows, order[:, 0]] = True
     for i in range(1, N):
-        j = to_picked.masked_fill(picked, -float("inf")).argmax(-1)
+        j = pick(to_picked.masked_fill(picked, -float("inf")), 1.0, MAXMIN_GRID)
         order[:, i] = j
         picked[rows, j] = True
         to_picked = torch.minimum(to_picked, dist[rows, j])
@@ -90,9 +102,10 @@ def dpp_order(features: Tensor, quality: Tensor, k: int | None = None) -> Tensor
     rows = torch.arange(B, device=L.device)
     c = torch.zeros(B, k, N, dtype=L.dtype, device=L.device)  # the Cholesky rows of the picked tokens
     d2 = torch.diagonal(L, dim1=1, dim2=2).clone()  # [B, N] marginal gains (squared)
+    scale = d2.amax(-1, keepdim=True).clamp_min(EPS)
     order = torch.empty(B, k, dtype=torch.long, device=L.device)
     for i in range(k):
-        j = d2.argmax(-1)
+        j = pick(d2, scale, DPP_GRID)
         order[:, i] = j
         dj = d2[rows, j].clamp_min(0.0).sqrt().unsqueeze(-1)  # [B, 1]
         proj = (c[rows, :, j].unsqueeze(1) @ c).squeeze(1)  # [B, N]: sum over the picked rows of c_tj c_t
