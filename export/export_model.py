@@ -29,9 +29,7 @@ from qavtp.io import atomic_dir, check_output, sha256_file
 from qavtp.models.loading import load_model, resolve
 from qavtp.models.reference import NAME, cache_root
 from qavtp.pruning import keep_count
-from qavtp.scoring import CDPRUNER_THETA, FusionParams, as_dpp, qapruner_params
-
-LEARNED = ("qavtp", "qavtp-dpp")  # the in-graph scorers that read the artifact's fusion weights
+from qavtp.scoring import CDPRUNER_THETA, LEARNED_SCORERS, FusionParams, as_dpp, qapruner_params
 
 EXPORT_VERSION = 1
 META = "export.json"
@@ -155,7 +153,7 @@ def export_model(
     if is_artifact(source):
         model = read_config(source).source.model
         check_output(out, "export", [None if model == NAME else model], overwrite)
-    if config.retain < 1 and config.scorer in LEARNED:
+    if config.retain < 1 and config.scorer in LEARNED_SCORERS:
         if not is_artifact(source):
             raise QavtpError(
                 f"scorer {config.scorer!r} needs a calibration artifact with fusion weights; pass one, "

@@ -11,13 +11,12 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from qavtp.diversity import DPP_GRID, EPS, MAXMIN_GRID
 from qavtp.export.onnx_graph import Graph
 
 I64 = np.int64
 F32 = np.float32
-EPS = 1e-10  # qavtp.diversity.EPS
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's
-DPP_GRID, MAXMIN_GRID = 2.0**12, 2.0**12  # qavtp.diversity's
 
 
 def _pick(g: Graph, values: str, scale: str, grid: float) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from qavtp.calibrate.artifact import load_model_or_artifact
 from qavtp.errors import QavtpError
 from qavtp.evaluate import Pruning, evaluate
-from qavtp.scoring import FusionParams
+from qavtp.scoring import LEARNED_SCORERS, FusionParams
 
 
 def torch_like_export(meta: dict, cache_dir=None, dtype: str = "fp32"):
@@ -25,7 +25,7 @@ def torch_like_export(meta: dict, cache_dir=None, dtype: str = "fp32"):
     prune = None
     if pr["scorer"] and pr["retain"] < 1:
         fusion = None
-        if pr["scorer"] in ("qavtp", "qavtp-dpp"):
+        if pr["scorer"] in LEARNED_SCORERS:
             if not isinstance(pr.get("fusion"), dict):
                 raise QavtpError(f"export.json: scorer {pr['scorer']!r} but no fusion parameters (pruning.fusion)")
             fusion = FusionParams.from_dict(pr["fusion"])

@@ -41,8 +41,8 @@ SCORERS: dict[str, str] = {
     "qavtp-dpp": "a DPP whose quality is the learned qavtp score: quality x diversity (--relevance-weight theta)",
 }
 CDPRUNER_THETA = 0.5  # the relevance weight of CDPruner's released code
-# Not per-token scores but greedy selections: their scores are ranks (qavtp.diversity.order_scores).
-DIVERSITY_SCORERS = ("divprune", "cdpruner", "qavtp-dpp")
+# The scorers that read an artifact's learned fusion weights.
+LEARNED_SCORERS = ("qavtp", "qavtp-dpp")
 # How the fused score picks tokens: top-k, or as the quality of a DPP over the tokens' similarity.
 SELECTIONS = ("topk", "dpp")
 
@@ -444,7 +444,7 @@ def score_tokens(
     if name == "qapruner":
         p = qapruner_params(X.shape[-1])
         return fused_scores(semantic_scores(adapter, enc, embeds, visual_mask, p.semantic), X, p)
-    if name in ("qavtp", "qavtp-dpp"):
+    if name in LEARNED_SCORERS:
         if fusion is None:
             raise QavtpError(f"scorer {name!r} needs fusion weights: calibrate with --retain, then pass --artifact")
         p = fusion if name == "qavtp" else as_dpp(fusion, theta)

@@ -14,7 +14,7 @@ from qavtp.errors import QavtpError
 from qavtp.evaluate import Pruning, evaluate
 from qavtp.io import atomic_dir, atomic_write_json
 from qavtp.prompting import encode
-from qavtp.scoring import check_layer, check_scorer
+from qavtp.scoring import LEARNED_SCORERS, check_layer, check_scorer
 
 # Rows of the ablation table: every single metric, then the paper's recipe and the learned fusion.
 ABLATION = ("random", "linf", "l1", "l2", "variance", "outlier", "qerror", "hybrid", "cls", "semantic", "qapruner")
@@ -24,7 +24,7 @@ N_EXAMPLES = 4  # questions whose kept tokens are drawn
 def check_fusion(cfg: ArtifactConfig | None, scorers: list[str], ratios: list[float]) -> None:
     """Scorers ``qavtp`` and ``qavtp-dpp`` need the artifact's fusion weights for every pruned ratio: one clear line
     if not."""
-    if {"qavtp", "qavtp-dpp"} & set(scorers):
+    if set(LEARNED_SCORERS) & set(scorers):
         for rho in [r for r in ratios if r < 1]:
             fusion_params(cfg, rho)
 
@@ -45,7 +45,7 @@ def pruning_for(
     # qavtp needs its ratio's weights (fusion_for says so if they are missing); the sensitivity ablation uses them
     # where the artifact has them; every other scorer ignores them, so an artifact learned for 0.125 alone can
     # still be swept at 0.5 with semantic or [CLS] pruning.
-    if rho < 1 and (scorer in ("qavtp", "qavtp-dpp") or ratio_key(rho) in learned):
+    if rho < 1 and (scorer in LEARNED_SCORERS or ratio_key(rho) in learned):
         fusion = fusion_params(cfg, rho)
     return Pruning(adapter, scorer, rho, fusion, activation_spec(cfg), seed, layer, theta)
 
