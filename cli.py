@@ -109,6 +109,7 @@ EXPORT_FLAGS = {
     "accuracy_level": "--accuracy-level",
     "relevance_weight": "--relevance-weight",
     "activations": "--activations",
+    "fused": "--fused-ops",
 }
 
 
@@ -725,16 +726,23 @@ def ppl(model, artifact, seq_len, windows, output, cache_dir):
     help="MatMulNBits accuracy level (4: int8 activations inside the kernel, faster, not bit-faithful); "
     "default 0 with --activations exact, 4 with runtime.",
 )
+@click.option(
+    "--fused-ops/--unfused-ops",
+    "fused",
+    default=None,
+    help="--format ort: onnxruntime's fused decoder ops (GroupQueryAttention, SkipSimplifiedLayerNormalization); "
+    "default on with --activations runtime, off with exact (which keeps torch's ops and KV cache one for one).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing export directory.")
 @cache_option
 def export_cmd(
-    source, output, retain, scorer, relevance_weight, fmt, activations, accuracy_level, overwrite, cache_dir
+    source, output, retain, scorer, relevance_weight, fmt, activations, accuracy_level, fused, overwrite, cache_dir
 ):
     """Export SOURCE (a calibration artifact, a LLaVA directory or smollava-easyvqa) to ONNX."""
     from qavtp.export.export_model import export_model
 
     with flags_named(EXPORT_FLAGS):
-        config = ExportConfig(retain, scorer, fmt, accuracy_level, relevance_weight, activations)
+        config = ExportConfig(retain, scorer, fmt, accuracy_level, relevance_weight, activations, fused)
         out = export_model(source, output, config, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(f"wrote {out}")
 

@@ -13,13 +13,21 @@ ART=runs/main/w4a4
 OUT=runs/div
 mkdir -p "$OUT"
 
-# The main job learns fusion weights for 12.5 % only, so qavtp and qavtp-dpp are swept there; the rest everywhere.
+# The main job learns fusion weights for 12.5 % only: a copy of its artifact learns them for every ratio (same
+# weights and projector), so qavtp and qavtp-dpp have every column too.
+ALL="$OUT/w4a4-all-ratios"
+if [ ! -f "$ALL/config.json" ]; then
+  rm -rf "$ALL.tmp" && cp -r "$ART" "$ALL.tmp"
+  qavtp fuse "$ALL.tmp" --retain 0.5,0.25,0.125
+  mv "$ALL.tmp" "$ALL"
+fi
 SCORERS=semantic,random,divprune,cdpruner,qapruner
 qavtp eval --artifact "$ART" --limit "$N" --retain 1,0.5,0.25,0.125 --scorer "$SCORERS" -o "$OUT/sweep-w4a4"
-qavtp eval --artifact "$ART" --limit "$N" --retain 0.125 --scorer qavtp,qavtp-dpp -o "$OUT/sweep-w4a4-learned"
+qavtp eval --artifact "$ALL" --limit "$N" --retain 0.5,0.25,0.125 --scorer qavtp,qavtp-dpp -o "$OUT/sweep-w4a4-learned"
 qavtp eval --limit "$N" --retain 1,0.5,0.25,0.125 --scorer "$SCORERS" -o "$OUT/sweep-fp"
-python bench/paired_diff.py "$OUT/sweep-w4a4/results.json" "$OUT/sweep-w4a4-learned/results.json" --ref qavtp
-python bench/paired_diff.py "$OUT/sweep-w4a4/results.json" "$OUT/sweep-w4a4-learned/results.json" --ref cdpruner
+for ref in qavtp cdpruner; do
+  python bench/paired_diff.py "$OUT/sweep-w4a4/results.json" "$OUT/sweep-w4a4-learned/results.json" --ref "$ref"
+done
 python bench/paired_diff.py "$OUT/sweep-fp/results.json" --ref cdpruner
 
 # The exported selections at 12.5 %: torch and the runtimes keep the same tokens.

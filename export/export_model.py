@@ -233,7 +233,11 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
         "prompt": {"prefix": prefix, "suffix": suffix, "add_special_tokens": True},
         # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits with accuracy level 4 (int8 activations)
         # unless told otherwise; this keeps the qdq graph's float32 numerics.
-        "onnxruntime": {"session_config": {"session.qdq_matmulnbits_accuracy_level": str(accuracy_level)}},
+        "onnxruntime": {
+            "session_config": {"session.qdq_matmulnbits_accuracy_level": str(accuracy_level)},
+            # GroupQueryAttention: a decode step may write into its past buffers (qavtp run binds them so)
+            "fused_ops": config.weights.fused_ops,
+        },
     }
     with atomic_dir(out) as tmp:
         store = WeightStore(tmp / WEIGHTS)

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from PIL import Image, UnidentifiedImageError
 
 from qavtp.errors import QavtpError
+from qavtp.export.kv_buffers import KVBuffers
 from qavtp.io import sha256_file
 
 META = "export.json"
@@ -347,6 +348,20 @@ class _OnnxruntimeGraph:
                 f"onnxruntime failed to run {self.path.name} ({first}): export.json does not match it"
             ) from None
 
+    def run_in_place(self, feeds: dict, cache: KVBuffers) -> np.ndarray:
+        """One decode step whose presents overwrite ``cache`` in place; returns the logits."""
+        binding = self.session.io_binding()
+        for k, v in feeds.items():
+            binding.bind_cpu_input(k, v)
+        binding.bind_output("logits")  # bound first: get_outputs() keeps the binding order
+        cache.bind(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise QavtpError(f"onnxruntime failed to run {self.path.name} ({first})") from None
+        return binding.get_outputs()[0].numpy()
+
 
 class _OpenVINOGraph:
     def __init__(self, path: Path, threads: int | None):
@@ -409,6 +424,9 @@ class ExportedModel:
         self.prefill = self._graph(files["prefill"], threads, profile)
         self.decode = self._graph(files["decode"], threads, False)
         self.n_layers = int(self.meta["model"]["num_layers"])
+        # A fused graph's GroupQueryAttention can write each step into its past buffers (KVBuffers).
+        self.fused_ops = self.meta.get("onnxruntime", {}).get("fused_ops") is True
+        self.in_place_cache = runtime == "onnxruntime" and self.fused_ops
 
     def _graph(self, name: str, threads: int | None, profile: bool):
         if self.runtime == "openvino":
@@ -438,6 +456,19 @@ class ExportedModel:
         return self.prefill(feeds)
 
     def run_decode(self, input_ids, attention_mask, position_ids, past: dict) -> dict:
+        if self.fused_ops and input_ids.shape[0] > 1 and input_ids.shape[1] > 1:
+            # GroupQueryAttention takes several new tokens after a past for one row at a time (scoring answers;
+            # generation steps one token).
+            rows = [
+                self.run_decode(
+                    input_ids[r : r + 1],
+                    attention_mask[r : r + 1],
+                    position_ids[r : r + 1],
+                    {k: v[r : r + 1] for k, v in past.items() if k.startswith("present.")},
+                )
+                for r in range(input_ids.shape[0])
+            ]
+            return {k: np.concatenate([o[k] for o in rows]) for k in rows[0]}
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         for i in range(self.n_layers):
             feeds[f"past.{i}.key"] = past[f"present.{i}.key"]
@@ -469,8 +500,11 @@ class ExportedModel:
             "llm_prefill_ms": totals["llm"],
         }
 
-    def generate(self, image: Image.Image, question: str, max_new_tokens: int = 16) -> Generation:
-        """Greedy answer for one image and question."""
+    def generate(
+        self, image: Image.Image, question: str, max_new_tokens: int = 16, kv_block: int | None = None
+    ) -> Generation:
+        """Greedy answer for one image and question. A fused export decodes into cache buffers with room for
+        ``kv_block`` more positions at a time (default: ``max_new_tokens``, one allocation)."""
         feeds = self.inputs([image], [question], max_new_tokens)
         t0 = time.perf_counter()
         out = self.run_prefill(feeds)
@@ -481,15 +515,24 @@ class ExportedModel:
         tokens: list[int] = []
         nxt = int(out["logits"][0].argmax())
         past, steps = out, 0
+        cache = KVBuffers(out, self.n_layers, kv_block or max_new_tokens) if self.in_place_cache else None
         while nxt not in eos and len(tokens) < max_new_tokens:
             tokens.append(nxt)
             if len(tokens) == max_new_tokens:
                 break
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            past = self.run_decode(np.array([[nxt]], np.int64), mask, pos, past)
+            ids = np.array([[nxt]], np.int64)
+            if cache is not None:
+                cache.reserve(1)
+                feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+                logits = self.decode.run_in_place(feeds, cache)
+                cache.advance(1)
+            else:
+                past = self.run_decode(ids, mask, pos, past)
+                logits = past["logits"]
             steps += 1
             pos = pos + 1
-            nxt = int(past["logits"][0, -1].argmax())
+            nxt = int(logits[0, -1].argmax())
         t2 = time.perf_counter()
         timings = {
             "prefill_wall_ms": (t1 - t0) * 1000,

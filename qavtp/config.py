@@ -264,6 +264,7 @@ class WeightFormat:
     format: str = "qdq"
     accuracy_level: int = 0
     activations: str = "exact"
+    fused: bool = False  # with ort: GroupQueryAttention and the SimplifiedLayerNormalization ops in the decoder
 
     def __post_init__(self) -> None:
         _choice("format", self.format, EXPORT_FORMATS)
@@ -282,6 +283,11 @@ class WeightFormat:
         """The linears' activation quantizers are in the graph (``activations == "exact"``)."""
         return self.activations == "exact"
 
+    @property
+    def fused_ops(self) -> bool:
+        """The decoder uses onnxruntime's fused attention and norms (``ort`` only: other runtimes lack them)."""
+        return self.ort and self.fused
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -293,6 +299,9 @@ class ExportConfig:
     accuracy_level: int | None = None  # MatMulNBits' (4: int8 activations inside the kernel); None: 0 exact, 4 runtime
     relevance_weight: float | None = None  # theta of cdpruner (0.5) and qavtp-dpp (the learned one)
     activations: str = "exact"  # exact: the calibrated activation quantizers in the graph; runtime: the runtime's
+    # --format ort: onnxruntime's fused attention and norms in the decoder; None: with runtime activations (the
+    # exact graph keeps torch's ops one for one, and its KV cache holds what torch's holds)
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -305,10 +314,16 @@ class ExportConfig:
         if self.accuracy_level is None:
             object.__setattr__(self, "accuracy_level", 0 if self.activations == "exact" else 4)
         WeightFormat(self.format, self.accuracy_level, self.activations)  # checks the format and level
+        if self.fused is None:
+            object.__setattr__(self, "fused", self.activations == "runtime" and self.format == "ort")
+        if not isinstance(self.fused, bool):
+            raise ConfigError("fused", f"must be true or false, got {self.fused!r}")
+        if self.fused and self.format != "ort":
+            raise ConfigError("fused", "needs --format ort (the fused ops are onnxruntime's)")
 
     @property
     def weights(self) -> WeightFormat:
-        return WeightFormat(self.format, self.accuracy_level, self.activations)
+        return WeightFormat(self.format, self.accuracy_level, self.activations, self.fused)
 
 
 EVAL_MODES = ("loglik", "generate")
