@@ -500,23 +500,20 @@ class ExportedModel:
             "llm_prefill_ms": totals["llm"],
         }
 
-    def generate(
-        self, image: Image.Image, question: str, max_new_tokens: int = 16, kv_block: int | None = None
-    ) -> Generation:
-        """Greedy answer for one image and question. A fused export decodes into cache buffers with room for
-        ``kv_block`` more positions at a time (default: ``max_new_tokens``, one allocation)."""
-        feeds = self.inputs([image], [question], max_new_tokens)
-        t0 = time.perf_counter()
-        out = self.run_prefill(feeds)
-        t1 = time.perf_counter()
-        eos = set(self.meta["model"]["eos_token_ids"])
+    def greedy(
+        self, out: dict, max_new_tokens: int, kv_block: int | None = None, stop: set[int] | None = None
+    ) -> tuple[list[int], int]:
+        """Greedy tokens after a batch-1 prefill's outputs ``out`` (up to ``max_new_tokens``, ending before a token
+        in ``stop``) and the decode steps run. A fused export decodes into cache buffers with room for ``kv_block``
+        more positions at a time (default: ``max_new_tokens``, one allocation)."""
+        stop = stop or set()
         mask = out["attention_mask_out"]
         pos = mask.sum(1, keepdims=True)  # contiguous positions: the next one is the count of real tokens
         tokens: list[int] = []
         nxt = int(out["logits"][0].argmax())
         past, steps = out, 0
         cache = KVBuffers(out, self.n_layers, kv_block or max_new_tokens) if self.in_place_cache else None
-        while nxt not in eos and len(tokens) < max_new_tokens:
+        while nxt not in stop and len(tokens) < max_new_tokens:
             tokens.append(nxt)
             if len(tokens) == max_new_tokens:
                 break
@@ -524,8 +521,9 @@ class ExportedModel:
             ids = np.array([[nxt]], np.int64)
             if cache is not None:
                 cache.reserve(1)
-                feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-                logits = self.decode.run_in_place(feeds, cache)
+                logits = self.decode.run_in_place(
+                    {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, cache
+                )
                 cache.advance(1)
             else:
                 past = self.run_decode(ids, mask, pos, past)
@@ -533,6 +531,17 @@ class ExportedModel:
             steps += 1
             pos = pos + 1
             nxt = int(logits[0, -1].argmax())
+        return tokens, steps
+
+    def generate(
+        self, image: Image.Image, question: str, max_new_tokens: int = 16, kv_block: int | None = None
+    ) -> Generation:
+        """Greedy answer for one image and question (:meth:`greedy`, ending at an end-of-sequence token)."""
+        feeds = self.inputs([image], [question], max_new_tokens)
+        t0 = time.perf_counter()
+        out = self.run_prefill(feeds)
+        t1 = time.perf_counter()
+        tokens, steps = self.greedy(out, max_new_tokens, kv_block, set(self.meta["model"]["eos_token_ids"]))
         t2 = time.perf_counter()
         timings = {
             "prefill_wall_ms": (t1 - t0) * 1000,
