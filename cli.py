@@ -730,8 +730,9 @@ def ppl(model, artifact, seq_len, windows, output, cache_dir):
     "--fused-ops/--unfused-ops",
     "fused",
     default=None,
-    help="--format ort: onnxruntime's fused decoder ops (GroupQueryAttention, SkipSimplifiedLayerNormalization); "
-    "default on with --activations runtime, off with exact (which keeps torch's ops and KV cache one for one).",
+    help="The decoder's attention and norms as fused ops: onnxruntime's (GroupQueryAttention, "
+    "SkipSimplifiedLayerNormalization) with --format ort, opset 23's (Attention, RMSNormalization, RotaryEmbedding) "
+    "with qdq; default on with --activations runtime, off with exact (torch's ops and KV cache one for one).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing export directory.")
 @cache_option

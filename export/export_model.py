@@ -204,7 +204,7 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
         "format_version": EXPORT_VERSION,
         "qavtp_version": version("qavtp"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "opset": 21,
+        "opset": max(prefill.opset, decode.opset),
         "source": loaded.source,
         "files": {"prefill": PREFILL, "decode": DECODE, "weights": WEIGHTS},
         "graphs": {"prefill": _graph_io(prefill), "decode": _graph_io(decode)},

@@ -64,5 +64,5 @@ def to_model(g: Graph, store: WeightStore | None = None, doc: str = "") -> onnx.
     inits = [_initializer(n, t, store) for n, t in g.tensors.items()]
     graph = helper.make_graph(g.nodes, g.name, g.inputs, g.outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=g.opset_imports(), producer_name="qavtp", doc_string=doc)
-    model.ir_version = 10  # opset 21 needs IR >= 10; onnxruntime 1.20+ reads it
+    model.ir_version = 10 if g.opset <= 21 else 11  # opset 21 needs IR >= 10, opset 23 IR >= 11
     return model

@@ -156,6 +156,11 @@ class Decoder:
         if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
             raise QavtpError("cannot export RoPE with an attention scaling other than 1")
         self.inv_freq = np32(rotary.inv_freq)
+        # The portable graph's fused form: opset 23's RMSNormalization, RotaryEmbedding and Attention (standard
+        # ops that onnxruntime, OpenVINO and onnx.reference all run: bench/results/opset23_ops.md).
+        self.opset23 = weights.fused and not weights.ort
+        if self.opset23:
+            g.needs_opset(23)
 
     def name(self, m: nn.Module) -> str:
         return self.names[id(m)]
@@ -176,6 +181,19 @@ class Decoder:
         freqs = g.op("Mul", pos, g.weight("rope.inv_freq", self.inv_freq))
         emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1], I64))
         return Rope(g.op("Cos", emb), g.op("Sin", emb))
+
+    def rotate(self, x: str, r: Rope) -> str:
+        """RoPE on ``x [B, n, L, hd]`` in the decoder's attention: opset 23's ``RotaryEmbedding`` there, plain ops
+        otherwise (the pruning scorer always uses :meth:`apply_rope`)."""
+        if not self.opset23:
+            return self.apply_rope(x, r)
+        g = self.g
+        key = ("rope23", r.cos, r.sin)
+        if key not in g.memo:  # the op takes the first half of cos/sin, [B, L, hd / 2]
+            half = (g.const([0], I64), g.const([self.head_dim // 2], I64), g.const([3], I64))
+            g.memo[key] = tuple(g.op("Squeeze", g.op("Slice", t, *half), g.const([1], I64)) for t in (r.cos, r.sin))
+        cos, sin = g.memo[key]
+        return g.op("RotaryEmbedding", x, cos, sin)
 
     def apply_rope(self, x: str, r: Rope) -> str:
         g = self.g
@@ -200,8 +218,15 @@ class Decoder:
         return g.op("And", causal, valid)
 
     def attend(self, q: str, k: str, v: str, allowed: str) -> str:
-        """GQA without copying K/V: queries grouped ``[B, Hkv, rep, T, hd]`` against keys ``[B, Hkv, 1, S, hd]``."""
+        """GQA without copying K/V: queries grouped ``[B, Hkv, rep, T, hd]`` against keys ``[B, Hkv, 1, S, hd]``
+        (opset 23's ``Attention`` in the portable fused graph, with the mask as an additive bias)."""
         g = self.g
+        if self.opset23:
+            key = ("bias23", allowed)
+            if key not in g.memo:  # a finite bias: a padding row with no visible key averages, as below
+                visible = g.op("Squeeze", allowed, g.const([2], I64))  # [B, 1, T, S]
+                g.memo[key] = g.op("Where", visible, g.const(np.float32(0)), g.const(np.float32(MASKED)))
+            return g.op("Attention", q, k, v, g.memo[key], scale=self.scaling)
         rep = self.heads // self.kv_heads
         q5 = g.op("Reshape", q, g.const([0, self.kv_heads, rep, -1, self.head_dim], I64))
         k5 = g.op("Unsqueeze", k, g.const([2], I64))
@@ -232,10 +257,10 @@ class Decoder:
         g = self.g
         layer = self.layers[i]
         g.scope = f"{stage}/layer{i}"
-        x = rmsnorm(g, h, layer.input_layernorm.weight, self.eps, self.name(layer.input_layernorm))
+        x = self.norm(h, layer.input_layernorm)
         o, k, v = self.make_attention(layer.self_attn, x, rope, allowed, past)
         h = g.op("Add", h, o)
-        x = rmsnorm(g, h, layer.post_attention_layernorm.weight, self.eps, self.name(layer.post_attention_layernorm))
+        x = self.norm(h, layer.post_attention_layernorm)
         h = g.op("Add", h, self.make_mlp(layer.mlp, x))
         return h, k, v
 
@@ -244,8 +269,8 @@ class Decoder:
     ) -> tuple[str, str, str]:
         """Self-attention of normed ``x``: its output (before the residual add) and the present key/value."""
         g = self.g
-        q = self.apply_rope(_heads(g, self.linear(x, attn.q_proj), self.heads, self.head_dim), rope)
-        k = self.apply_rope(_heads(g, self.linear(x, attn.k_proj), self.kv_heads, self.head_dim), rope)
+        q = self.rotate(_heads(g, self.linear(x, attn.q_proj), self.heads, self.head_dim), rope)
+        k = self.rotate(_heads(g, self.linear(x, attn.k_proj), self.kv_heads, self.head_dim), rope)
         v = _heads(g, self.linear(x, attn.v_proj), self.kv_heads, self.head_dim)
         if past is not None:
             k = g.op("Concat", past[0], k, axis=2)
@@ -277,11 +302,13 @@ class Decoder:
         return g.op("Reshape", y, shape)
 
     def norm(self, x: str, norm: nn.Module) -> str:
-        """An RMSNorm: onnxruntime's ``SimplifiedLayerNormalization`` in a fused graph, plain ops otherwise."""
-        if not self.weights.fused_ops:
+        """An RMSNorm: onnxruntime's ``SimplifiedLayerNormalization`` or opset 23's ``RMSNormalization`` in a
+        fused graph, plain ops otherwise."""
+        if not self.weights.fused:
             return rmsnorm(self.g, x, norm.weight, self.eps, self.name(norm))
         w = self.g.weight(f"{self.name(norm)}.weight", np32(norm.weight))
-        return self.g.op("SimplifiedLayerNormalization", x, w, axis=-1, epsilon=self.eps, stash_type=1)
+        op = "SimplifiedLayerNormalization" if self.weights.ort else "RMSNormalization"
+        return self.g.op(op, x, w, axis=-1, epsilon=self.eps, stash_type=1)
 
     def skip_norm(self, x: str, residual: str, norm: nn.Module) -> tuple[str, str]:
         """``norm(residual + x)`` and ``residual + x`` in one ``SkipSimplifiedLayerNormalization``."""

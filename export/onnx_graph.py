@@ -57,6 +57,7 @@ class Graph:
         self._count = 0
         self.uses_ms_domain = False
         self.scope = "graph"  # node-name prefix: per-stage timings come from onnxruntime's profile
+        self.opset = OPSET  # raised by ops of a later opset (``needs_opset``)
 
     def fresh(self, hint: str) -> str:
         self._count += 1
@@ -142,8 +143,11 @@ class Graph:
         self.op("Identity", value, outputs=[name])
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
+    def needs_opset(self, version: int) -> None:
+        self.opset = max(self.opset, version)
+
     def opset_imports(self) -> list[onnx.OperatorSetIdProto]:
-        ops = [helper.make_opsetid("", OPSET)]
+        ops = [helper.make_opsetid("", self.opset)]
         if self.uses_ms_domain:
             ops.append(helper.make_opsetid(MS_DOMAIN, 1))
         return ops

@@ -264,7 +264,9 @@ class WeightFormat:
     format: str = "qdq"
     accuracy_level: int = 0
     activations: str = "exact"
-    fused: bool = False  # with ort: GroupQueryAttention and the SimplifiedLayerNormalization ops in the decoder
+    # the decoder in fused ops: onnxruntime's GroupQueryAttention and SimplifiedLayerNormalization ops (ort), or
+    # opset 23's Attention, RMSNormalization and RotaryEmbedding (qdq)
+    fused: bool = False
 
     def __post_init__(self) -> None:
         _choice("format", self.format, EXPORT_FORMATS)
@@ -285,7 +287,7 @@ class WeightFormat:
 
     @property
     def fused_ops(self) -> bool:
-        """The decoder uses onnxruntime's fused attention and norms (``ort`` only: other runtimes lack them)."""
+        """The decoder uses onnxruntime's own fused attention and norms (contrib ops: onnxruntime only)."""
         return self.ort and self.fused
 
 
@@ -299,8 +301,8 @@ class ExportConfig:
     accuracy_level: int | None = None  # MatMulNBits' (4: int8 activations inside the kernel); None: 0 exact, 4 runtime
     relevance_weight: float | None = None  # theta of cdpruner (0.5) and qavtp-dpp (the learned one)
     activations: str = "exact"  # exact: the calibrated activation quantizers in the graph; runtime: the runtime's
-    # --format ort: onnxruntime's fused attention and norms in the decoder; None: with runtime activations (the
-    # exact graph keeps torch's ops one for one, and its KV cache holds what torch's holds)
+    # the decoder's attention and norms as fused ops (onnxruntime's in ort, opset 23's in qdq); None: with runtime
+    # activations (the exact graph keeps torch's ops one for one, and its KV cache holds what torch's holds)
     fused: bool | None = None
 
     def __post_init__(self) -> None:
@@ -315,11 +317,9 @@ class ExportConfig:
             object.__setattr__(self, "accuracy_level", 0 if self.activations == "exact" else 4)
         WeightFormat(self.format, self.accuracy_level, self.activations)  # checks the format and level
         if self.fused is None:
-            object.__setattr__(self, "fused", self.activations == "runtime" and self.format == "ort")
+            object.__setattr__(self, "fused", self.activations == "runtime")
         if not isinstance(self.fused, bool):
             raise ConfigError("fused", f"must be true or false, got {self.fused!r}")
-        if self.fused and self.format != "ort":
-            raise ConfigError("fused", "needs --format ort (the fused ops are onnxruntime's)")
 
     @property
     def weights(self) -> WeightFormat:

@@ -276,8 +276,6 @@ def test_diversity_selector_flags(artifact, tiny_llava_dir, tmp_path):
         (["export", artifact, "-o", tmp_path / "e", "--retain", "0.25", "--scorer", "qavtp-dpp"], "without fusion"),
         (["export", tiny_llava_dir, "-o", tmp_path / "e", "--retain", "2", "--scorer", "divprune"], "(0, 1]"),
         (["export", artifact, "-o", tmp_path / "e", "--scorer", "cdpruner", "--relevance-weight", "-1"], "[0, 1)"),
-        # issue 25: onnxruntime's fused ops in the portable graph
-        (["export", artifact, "-o", tmp_path / "e", "--format", "qdq", "--fused-ops"], "--fused-ops needs --format ort"),
     ]
     for args, needle in cases:
         _one_line(run(*args, "--limit", "2") if args[0] == "eval" else run(*args), needle)

@@ -1,6 +1,7 @@
-"""onnxruntime's fused decoder ops in ``--format ort`` (GroupQueryAttention, SkipSimplifiedLayerNormalization)
-against the same export in plain ops, on the tiny random LLaVA: logits, kept tokens, greedy tokens, and a decode
-cache shared between past and present that has to grow."""
+"""The decoder's fused ops against the same export in plain ops, on the tiny random LLaVA: onnxruntime's
+GroupQueryAttention and SkipSimplifiedLayerNormalization in ``--format ort`` (logits, kept tokens, greedy tokens,
+and a decode cache shared between past and present that has to grow), opset 23's Attention, RMSNormalization and
+RotaryEmbedding in ``--format qdq`` (onnxruntime, OpenVINO and onnx.reference)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tests.helpers import calibration
 # max |fused - plain| / max |plain| of the logits: float32 reassociation inside the fused kernels (~1e-6 here)
 FUSED_RTOL = 1e-4
 LLM_FUSED_OPS = {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
+OPSET23_OPS = {"Attention", "RMSNormalization", "RotaryEmbedding"}
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +44,17 @@ def pairs(artifacts, tmp_path_factory):
     is the fusion's, not int8 rounding)."""
     root = tmp_path_factory.mktemp("fused-exp")
     out = {}
-    for name, art in artifacts.items():
-        out[name] = tuple(
-            export_model(
-                str(art),
-                root / f"{name}-{fused}",
-                ExportConfig(0.25, "qapruner", "ort", 0, None, "runtime", fused),
+    for fmt in ("ort", "qdq"):
+        for name, art in artifacts.items():
+            key = name if fmt == "ort" else f"{name}-qdq"
+            out[key] = tuple(
+                export_model(
+                    str(art),
+                    root / f"{key}-{fused}",
+                    ExportConfig(0.25, "qapruner", fmt, 0, None, "runtime", fused),
+                )
+                for fused in (True, False)
             )
-            for fused in (True, False)
-        )
     return out
 
 
@@ -71,12 +75,13 @@ def _llm_ops(d) -> set[str]:
     return {n.op_type for n in g.node if n.name.startswith("llm/")}
 
 
-def test_defaults_fuse_only_the_runtime_ort_graph():
+def test_defaults_fuse_only_the_runtime_graphs():
     assert ExportConfig(0.25, format="ort", activations="runtime").weights.fused_ops
-    assert not ExportConfig(0.25, format="ort").weights.fused_ops  # exact: torch's ops one for one
-    assert not ExportConfig(0.25, format="qdq", activations="runtime").weights.fused_ops
-    with pytest.raises(QavtpError, match="fused needs --format ort"):
-        ExportConfig(0.25, format="qdq", fused=True)
+    assert not ExportConfig(0.25, format="ort").weights.fused  # exact: torch's ops one for one
+    portable = ExportConfig(0.25, format="qdq", activations="runtime").weights
+    assert portable.fused and not portable.fused_ops  # opset 23's ops, not onnxruntime's
+    with pytest.raises(QavtpError, match="fused must be true or false"):
+        ExportConfig(0.25, fused="yes")
 
 
 @pytest.mark.parametrize("which", ["plain", "kv4"])
@@ -147,3 +152,46 @@ def test_shared_cache_step_where_the_buffer_overflows(pairs, tiny, padded_rows):
         assert np.array_equal(cache.valid("0.key"), past["present.0.key"])
         ids, pos = in_place[:, -1].argmax(-1)[:, None].astype(np.int64), pos + 1
     assert cache.capacity > first
+
+
+@pytest.mark.parametrize("which", ["plain-qdq", "kv4-qdq"])
+def test_portable_fused_graphs_run_everywhere(which, pairs, tiny, padded_rows):
+    """The qdq graph with opset 23's ops: the plain graph's logits and kept tokens in onnxruntime, OpenVINO and
+    onnx.reference (prefill, and a decode step over the cache)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from tests.test_export import GatherElements  # onnx 1.23's reference kernel has a bug this replaces
+
+    fused, plain = pairs[which]
+    assert read_meta(fused)["opset"] == 23 and read_meta(plain)["opset"] == 21
+    assert OPSET23_OPS <= _llm_ops(fused) and not OPSET23_OPS & _llm_ops(plain)
+    assert not read_meta(fused)["onnxruntime"]["fused_ops"]
+
+    enc = encode(tiny[1], *padded_rows)
+    feeds = {k: enc[k].numpy() for k in ("pixel_values", "input_ids", "attention_mask")}
+    want = _session(plain, "prefill.onnx")(feeds)
+    n_layers = read_meta(fused)["model"]["num_layers"]
+    mask = np.concatenate([want["attention_mask_out"], np.ones((3, 1), np.int64)], axis=1)
+    step = {
+        "input_ids": want["logits"].argmax(-1)[:, None].astype(np.int64),
+        "attention_mask": mask,
+        "position_ids": want["attention_mask_out"].sum(1, keepdims=True),
+    }
+    past = {f"past.{i}.{k}": want[f"present.{i}.{k}"] for i in range(n_layers) for k in ("key", "value")}
+    want_step = _session(plain, "decode.onnx")({**step, **past})["logits"]
+
+    on_openvino = ExportedModel(fused, runtime="openvino")  # float32, no dynamic int8 quantization
+
+    def openvino(graph):
+        return on_openvino.prefill if graph == "prefill.onnx" else on_openvino.decode
+
+    def reference(graph):
+        ev = ReferenceEvaluator(str(fused / graph), new_ops=[GatherElements])
+        return lambda f: dict(zip(ev.output_names, ev.run(None, f), strict=True))
+
+    for run in (lambda graph: _session(fused, graph), openvino, reference):
+        got = run("prefill.onnx")(feeds)
+        assert np.array_equal(got["kept_indices"], want["kept_indices"])
+        assert _rel(got["logits"], want["logits"]) < FUSED_RTOL
+        got_step = run("decode.onnx")({**step, **past})["logits"]
+        assert _rel(got_step, want_step) < FUSED_RTOL
