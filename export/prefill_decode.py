@@ -8,6 +8,7 @@ from onnx import TensorProto
 from qavtp.config import WeightFormat
 from qavtp.export.llava_graph import Decoder, left_padded_positions, vision_tokens
 from qavtp.export.onnx_graph import Graph
+from qavtp.export.ort_decoder import make_decoder
 from qavtp.export.pruning_subgraph import Selection, gather_rows, prune
 
 I64 = np.int64
@@ -23,7 +24,7 @@ def build_prefill(adapter, weights: WeightFormat, sel: Selection) -> Graph:
     model = adapter.model
     vc = model.config.vision_config
     g = Graph("qavtp_prefill")
-    dec = Decoder(g, adapter, weights)
+    dec = make_decoder(g, adapter, weights)
     size = vc.image_size
     pixels = g.input("pixel_values", FLOAT, ["batch", vc.num_channels, size, size])
     ids = g.input("input_ids", INT64, ["batch", "seq"])
@@ -67,7 +68,7 @@ def build_prefill(adapter, weights: WeightFormat, sel: Selection) -> Graph:
 def build_decode(adapter, weights: WeightFormat) -> Graph:
     """``input_ids [B, T], attention_mask [B, P+T], position_ids [B, T], past.*`` -> ``logits [B, T, V]``, presents."""
     g = Graph("qavtp_decode")
-    dec = Decoder(g, adapter, weights)
+    dec = make_decoder(g, adapter, weights)
     ids = g.input("input_ids", INT64, ["batch", "seq"])
     mask = g.input("attention_mask", INT64, ["batch", "total_seq"])
     pos = g.input("position_ids", INT64, ["batch", "seq"])
