@@ -30,12 +30,14 @@ for ref in qavtp cdpruner; do
 done
 python bench/paired_diff.py "$OUT/sweep-fp/results.json" --ref cdpruner
 
-# The exported selections at 12.5 %: torch and the runtimes keep the same tokens.
-for scorer in qavtp cdpruner divprune qavtp-dpp; do
+# The exported selections at 12.5 %: torch and onnxruntime (ort graphs, eval-onnx --compare), onnxruntime and
+# OpenVINO (the qdq graphs, the same questions) keep the same tokens; the main job's eval-onnx --compare covers qavtp.
+for scorer in cdpruner divprune qavtp-dpp; do
   qavtp export "$ART" -o "$OUT/onnx-$scorer" --retain 0.125 --scorer "$scorer" --format ort --overwrite
   qavtp eval-onnx "$OUT/onnx-$scorer" --limit 200 --compare -o "$OUT/eval-$scorer"
   qavtp export "$ART" -o "$OUT/onnx-$scorer-qdq" --retain 0.125 --scorer "$scorer" --format qdq --overwrite
-  qavtp eval-onnx "$OUT/onnx-$scorer-qdq" --limit 200 --compare --runtime openvino -o "$OUT/eval-$scorer-ov"
+  qavtp eval-onnx "$OUT/onnx-$scorer-qdq" --limit 200 --runtime openvino -o "$OUT/eval-$scorer-ov"
 done
-python bench/selection_parity.py "$OUT"/onnx-{qavtp,cdpruner,divprune,qavtp-dpp}-qdq --questions 4
+python bench/kept_agreement.py $(for s in cdpruner divprune qavtp-dpp; do echo "$OUT/eval-$s/results.json $OUT/eval-$s-ov/results.json"; done)
+python bench/selection_parity.py "$OUT"/onnx-{cdpruner,divprune,qavtp-dpp}-qdq --questions 4
 python bench/selection_cost.py --artifact "$ART" --retain 0.125 --runs 20 --threads 2
