@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from qavtp.export.accuracy import compare
+
 
 def _onnx(path: str) -> dict:
     data = json.loads(Path(path).read_text())
@@ -34,10 +36,8 @@ def main() -> None:
         a, b = _onnx(a_path), _onnx(b_path)
         if a["n"] != b["n"]:
             sys.exit(f"kept_agreement.py: error: {a_path} has {a['n']} questions, {b_path} {b['n']}")
-        n = a["n"]
-        kept = sum(x == y for x, y in zip(a["kept"], b["kept"], strict=True)) / n
-        answers = [p["prediction"] for p in a["predictions"]], [p["prediction"] for p in b["predictions"]]
-        same = sum(x == y for x, y in zip(*answers, strict=True)) / n
+        agree = compare(a, b, b["kept"])  # what eval-onnx --compare reports, with B in torch's place
+        kept, same, n = agree["same_kept_tokens"], agree["same_answers"], agree["n"]
         label = f"{Path(a_path).parent.name} ({a['runtime']})", f"{Path(b_path).parent.name} ({b['runtime']})"
         lines.append(
             f"| {label[0]} | {label[1]} | {100 * a['accuracy']:.1f} % | {100 * b['accuracy']:.1f} % "

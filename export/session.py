@@ -321,6 +321,12 @@ class Generation:
     timings_ms: dict = field(default_factory=dict)
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of a runtime's error (onnxruntime raises its own Fail/InvalidGraph/... types), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 class _OnnxruntimeGraph:
     def __init__(self, path: Path, meta: dict, threads: int | None, profile_prefix: str | None):
         so = ort.SessionOptions()
@@ -334,7 +340,7 @@ class _OnnxruntimeGraph:
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            first = _first_line(e)
             raise QavtpError(f"onnxruntime cannot load {path}: {first}") from None
         self.names = [o.name for o in self.session.get_outputs()]
         self.path = path
@@ -343,7 +349,7 @@ class _OnnxruntimeGraph:
         try:
             return dict(zip(self.names, self.session.run(None, feeds), strict=True))
         except Exception as e:  # a graph that export.json does not describe (other inputs, shapes, layers)
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            first = _first_line(e)
             raise QavtpError(
                 f"onnxruntime failed to run {self.path.name} ({first}): export.json does not match it"
             ) from None
@@ -358,7 +364,7 @@ class _OnnxruntimeGraph:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            first = _first_line(e)
             raise QavtpError(f"onnxruntime failed to run {self.path.name} ({first})") from None
         return binding.get_outputs()[0].numpy()
 
