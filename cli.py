@@ -56,6 +56,7 @@ CALIBRATE_FIELDS = {
     "batch_size": ("batch_size", "--batch-size"),
     "seed": ("seed", "--seed"),
     "device": ("device", "--device"),
+    "stream": ("stream", "--stream"),
     "method": ("quant.method", "--method"),
     "gptq": ("quant.gptq", "--gptq"),
     "wbits": ("quant.wbits", "--wbits"),
@@ -352,6 +353,14 @@ def assemble(cache_dir: str | None, force: bool) -> None:
     "where the layer-by-layer work (rotation, statistics, GPTQ) runs. The model stays in host memory and one "
     "decoder layer at a time visits the device, so a 7B/13B model calibrates on one GPU. Fusion learning runs on "
     "the CPU."
+)
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Read the decoder layers one at a time from the checkpoint's shards, quantize and write each, then free "
+    "it: host memory stays near one layer plus the vision tower and vocabulary, for a 7B model on a small machine "
+    "(RTN or GPTQ; not with --method quarot/smoothquant, alignment or fusion learning). Default: when the model's "
+    "float32 weights exceed 4 GiB.",
 )
 @click.option(
     "--retain",

@@ -7,6 +7,7 @@ or of the wrong type; :meth:`ArtifactConfig.to_dict` writes the same layout back
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -243,6 +244,8 @@ class ArtifactConfig:
     fusion: Fusion | None = None
     aligned_from: str | None = None  # the artifact ``qavtp align`` started from
     weights_sha256: str | None = None  # of quantized.safetensors, checked at load (older artifacts have none)
+    # A streamed calibration's decoder layers, one safetensors shard each: file name -> sha256
+    layer_shards: dict[str, str] | None = None
     extra: dict = field(default_factory=dict)  # keys a newer writer of the same schema added: kept as they are
 
     @classmethod
@@ -257,7 +260,7 @@ class ArtifactConfig:
             )
         fusion = _section(d, "fusion", "config", optional=True)
         known = {"schema_version", "qavtp_version", "created", "source", "data", "options", "calibration"}
-        known |= {"alignment", "fusion", "aligned_from", "weights_sha256"}
+        known |= {"alignment", "fusion", "aligned_from", "weights_sha256", "layer_shards"}
         return cls(
             source=Source.from_dict(_section(d, "source", "config")),
             data=CalibrationData.from_dict(_section(d, "data", "config")),
@@ -269,6 +272,7 @@ class ArtifactConfig:
             fusion=Fusion.from_dict(fusion) if fusion else None,
             aligned_from=_get(d, "aligned_from", str, "config", None),
             weights_sha256=_get(d, "weights_sha256", str, "config", None),
+            layer_shards=_shards(_get(d, "layer_shards", dict, "config", None)),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
@@ -284,6 +288,8 @@ class ArtifactConfig:
             out["aligned_from"] = self.aligned_from
         if self.weights_sha256 is not None:
             out["weights_sha256"] = self.weights_sha256
+        if self.layer_shards is not None:
+            out["layer_shards"] = self.layer_shards
         return out | self.extra
 
     @property
@@ -291,6 +297,14 @@ class ArtifactConfig:
         """``W4A4``, ``W4A16`` ...: the weight and activation bits."""
         acts = self.options.activations
         return f"W{self.options.weights.bits}A{acts.bits if acts else 16}"
+
+
+def _shards(d: dict | None) -> dict[str, str] | None:
+    # Shard names are read as files inside the artifact: a name with a path in it would escape the directory.
+    for name, digest in (d or {}).items():
+        if not (isinstance(digest, str) and re.fullmatch(r"quantized-layer-\d{5}\.safetensors", name)):
+            raise SchemaError(f"layer_shards: {name!r} is not a layer shard name with its sha256")
+    return d
 
 
 def fusion_params(cfg: ArtifactConfig | None, rho: float) -> FusionParams:

@@ -41,7 +41,10 @@ def install_kv_quant(adapter, spec: QuantSpec) -> None:
     for layer in adapter.decoder_layers:
         attn = layer.self_attn
         attn.kv_spec = spec
-        attn.register_buffer("kv_hadamard", h.clone().to(attn.o_proj.weight.device), persistent=False)
+        home = attn.o_proj.weight.device
+        # A streamed layer is on the meta device until it is visited; this small buffer stays in memory throughout.
+        home = torch.device("cpu") if home.type == "meta" else home
+        attn.register_buffer("kv_hadamard", h.clone().to(home), persistent=False)
     adapter.model.config.get_text_config()._attn_implementation = KV_ATTENTION
 
 

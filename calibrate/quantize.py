@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -118,7 +118,14 @@ def quant_specs(quant: QuantConfig, adapter) -> tuple[QuantSpec, QuantSpec | Non
 
 @torch.no_grad()
 def calibrate_model(
-    adapter, batches: Sequence[dict], quant: QuantConfig, *, seed: int = 0, device=None, progress: bool = True
+    adapter,
+    batches: Sequence[dict],
+    quant: QuantConfig,
+    *,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+    sink: Callable[[int, nn.Module], None] | None = None,
 ) -> dict:
     """Transform the LLM (``quant.method``), then quantize every decoder linear in place.
 
@@ -135,6 +142,8 @@ def calibrate_model(
     also carries the floating-point model's hidden states along and quantizes, instead of each float weight,
     the one that maps the quantized model's inputs onto the floating-point model's outputs
     (:func:`~qavtp.calibrate.quantizers.fp_aligned_weight`, scaled by ``fp_align``; GPTAQ's asymmetric calibration).
+    ``sink(i, layer)`` receives each layer once it is quantized (a streamed model's layers are written by it:
+    :class:`~qavtp.calibrate.artifact.LayerShards`).
     """
     if not batches:
         raise QavtpError("the calibration set is empty")
@@ -147,14 +156,18 @@ def calibrate_model(
     bar = tqdm(
         list(enumerate(adapter.decoder_layers)), desc="calibrating decoder layers", unit="layer", disable=not progress
     )
-    for i, layer in bar:
-        with visiting(layer, device):
+    for i, _ in bar:
+        # A streamed model reads layer i from the checkpoint here and drops it after the sink has written it.
+        with adapter.resident(i) as layer, visiting(layer, device):
             ref_layer = copy.deepcopy(layer) if quant.fp_align else None
             specs = {name: act_spec_for(f"layers.{i}.{name}", aspec, a8) for name, _ in linear_modules(layer)}
             _quantize_layer(layer, i, inputs, (ref_layer, ref_inputs), quant, wspec, specs, aspec, done)
             inputs = run_layer(layer, inputs)
             if ref_layer is not None:
                 ref_inputs = run_layer(ref_layer, ref_inputs)
+            if sink is not None:
+                sink(i, layer)
+            del ref_layer
     record["quantized"] = done.quantized
     if done.eight:
         record["a8_linears"] = done.eight

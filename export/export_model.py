@@ -193,8 +193,6 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
     used_scorer = scorer if rho < 1 else None
     weight_fmt = fmt if cfg is not None else "fp32"
 
-    prefill = build_prefill(adapter, config.weights, Selection(n, k, used_scorer, params, theta))
-    decode = build_decode(adapter, config.weights)
     prefix, suffix = _prompt_parts(processor)
     tok = processor.tokenizer
     text = model.config.get_text_config()
@@ -204,10 +202,9 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
         "format_version": EXPORT_VERSION,
         "qavtp_version": version("qavtp"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "opset": max(prefill.opset, decode.opset),
+        "opset": None,  # set once the graphs are built
         "source": loaded.source,
         "files": {"prefill": PREFILL, "decode": DECODE, "weights": WEIGHTS},
-        "graphs": {"prefill": _graph_io(prefill), "decode": _graph_io(decode)},
         "quantization": _quantization(cfg, weight_fmt, config),
         "pruning": {
             "retain": rho,
@@ -240,12 +237,22 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
         },
     }
     with atomic_dir(out) as tmp:
+        # Each weight goes to weights.bin as the graph registers it: a streamed model's layers are read one at a
+        # time, and no graph ever holds the model's bytes (nor nears protobuf's 2 GiB limit).
         store = WeightStore(tmp / WEIGHTS)
         try:
-            for g, name in ((prefill, PREFILL), (decode, DECODE)):
+            sel = Selection(n, k, used_scorer, params, theta)
+            graphs = {}
+            for name, build in (
+                (PREFILL, lambda: build_prefill(adapter, config.weights, sel, store.place)),
+                (DECODE, lambda: build_decode(adapter, config.weights, store.place)),
+            ):
+                g = graphs[name] = build()
                 (tmp / name).write_bytes(to_model(g, store, doc=f"qavtp {name}").SerializeToString())
         finally:
             store.close()
+        meta["opset"] = max(g.opset for g in graphs.values())
+        meta["graphs"] = {"prefill": _graph_io(graphs[PREFILL]), "decode": _graph_io(graphs[DECODE])}
         processor.save_pretrained(tmp)
         # What qavtp run / eval-onnx verify before running: a swapped or truncated file is one line, not garbage.
         meta["digests"] = {name: sha256_file(tmp / name) for name in (PREFILL, DECODE, WEIGHTS)}

@@ -243,13 +243,13 @@ class Decoder:
         """One decoder layer; returns the new hidden states and the layer's present key/value. ``stage`` prefixes
         the node names (per-stage timings): ``prune/score`` where a relevance term runs layers on the full prompt."""
         g = self.g
-        layer = self.layers[i]
         g.scope = f"{stage}/layer{i}"
-        x = self.norm(h, layer.input_layernorm)
-        o, k, v = self.make_attention(layer.self_attn, x, rope, allowed, past)
-        h = g.op("Add", h, o)
-        x = self.norm(h, layer.post_attention_layernorm)
-        h = g.op("Add", h, self.make_mlp(layer.mlp, x))
+        with self.adapter.resident(i) as layer:  # a streamed model reads the layer's weights now
+            x = self.norm(h, layer.input_layernorm)
+            o, k, v = self.make_attention(layer.self_attn, x, rope, allowed, past)
+            h = g.op("Add", h, o)
+            x = self.norm(h, layer.post_attention_layernorm)
+            h = g.op("Add", h, self.make_mlp(layer.mlp, x))
         return h, k, v
 
     def make_attention(

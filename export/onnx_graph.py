@@ -35,6 +35,11 @@ class Tensor:
     def __init__(self, data_type: int, dims: tuple[int, ...], raw: bytes):
         self.data_type, self.dims, self.raw = data_type, tuple(int(d) for d in dims), raw
 
+    @property
+    def digest(self) -> tuple:
+        """What two registrations of one name must agree on (a placed tensor keeps only this)."""
+        return self.data_type, self.dims, hashlib.sha1(self.raw).hexdigest()
+
     @classmethod
     def from_numpy(cls, a: np.ndarray) -> Tensor:
         a = np.asarray(a, order="C")  # (ascontiguousarray would turn a scalar into shape [1])
@@ -44,10 +49,16 @@ class Tensor:
 
 
 class Graph:
-    """Nodes, inputs, outputs and initializers of one ONNX graph under construction."""
+    """Nodes, inputs, outputs and initializers of one ONNX graph under construction.
 
-    def __init__(self, name: str):
+    ``place(name, tensor)``, when given, takes each initializer's bytes as it is registered (writing them to an
+    external-data file) and returns what the graph keeps instead: so a 7B graph is built without holding its
+    weights (:class:`qavtp.export.external_data.WeightStore`).
+    """
+
+    def __init__(self, name: str, place: Callable[[str, Tensor], object] | None = None):
         self.name = name
+        self.place = place
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -86,7 +97,7 @@ class Graph:
             # Named by content: another graph's constant of the same name holds the same bytes, so the two
             # graphs can share one copy in the external weights file.
             name = "const_" + hashlib.sha1(repr(key[:2]).encode() + key[2]).hexdigest()[:16]
-            self.tensors[name] = Tensor.from_numpy(a)
+            self.tensors[name] = self._kept(name, Tensor.from_numpy(a))
             self._consts[key] = name
         return self._consts[key]
 
@@ -94,10 +105,13 @@ class Graph:
         """A named weight; registering the same name twice must give the same bytes."""
         t = t if isinstance(t, Tensor) else Tensor.from_numpy(t)
         old = self.tensors.get(name)
-        if old is not None and (old.raw != t.raw or old.dims != t.dims or old.data_type != t.data_type):
+        if old is not None and old.digest != t.digest:
             raise ValueError(f"weight {name} registered twice with different contents")
-        self.tensors[name] = t
+        self.tensors[name] = self._kept(name, t)
         return name
+
+    def _kept(self, name: str, t: Tensor):
+        return t if self.place is None else self.place(name, t)
 
     def loop(
         self,

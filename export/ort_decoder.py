@@ -134,15 +134,16 @@ class OrtFusedDecoder(Decoder):
         f = self.fused_inputs(mask, seq_len(g, h), position_ids)
         presents = []
         pending = None  # the previous layer's MLP output, added to the residual stream by the next norm
-        for i, layer in enumerate(self.layers):
+        for i in range(len(self.layers)):
             g.scope = f"llm/layer{i}"
-            if pending is None:
-                x = self.norm(h, layer.input_layernorm)
-            else:
-                x, h = self.skip_norm(pending, h, layer.input_layernorm)
-            o, k, v = self.make_fused_attention(layer.self_attn, x, f, None if past is None else past[i])
-            x, h = self.skip_norm(o, h, layer.post_attention_layernorm)
-            pending = self.make_mlp(layer.mlp, x)
+            with self.adapter.resident(i) as layer:
+                if pending is None:
+                    x = self.norm(h, layer.input_layernorm)
+                else:
+                    x, h = self.skip_norm(pending, h, layer.input_layernorm)
+                o, k, v = self.make_fused_attention(layer.self_attn, x, f, None if past is None else past[i])
+                x, h = self.skip_norm(o, h, layer.post_attention_layernorm)
+                pending = self.make_mlp(layer.mlp, x)
             presents.append((k, v))
         return g.op("Add", h, pending), presents
 

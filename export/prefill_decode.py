@@ -19,11 +19,12 @@ def _cache_dims(dec: Decoder, seq: str) -> list:
     return ["batch", dec.kv_heads, seq, dec.head_dim]
 
 
-def build_prefill(adapter, weights: WeightFormat, sel: Selection) -> Graph:
-    """``pixel_values, input_ids, attention_mask`` -> last-position logits, presents, pruned mask, kept indices."""
+def build_prefill(adapter, weights: WeightFormat, sel: Selection, place=None) -> Graph:
+    """``pixel_values, input_ids, attention_mask`` -> last-position logits, presents, pruned mask, kept indices.
+    ``place``: where the weights go as they are registered (:class:`~qavtp.export.onnx_graph.Graph`)."""
     model = adapter.model
     vc = model.config.vision_config
-    g = Graph("qavtp_prefill")
+    g = Graph("qavtp_prefill", place)
     dec = make_decoder(g, adapter, weights)
     size = vc.image_size
     pixels = g.input("pixel_values", FLOAT, ["batch", vc.num_channels, size, size])
@@ -65,9 +66,9 @@ def build_prefill(adapter, weights: WeightFormat, sel: Selection) -> Graph:
     return g
 
 
-def build_decode(adapter, weights: WeightFormat) -> Graph:
+def build_decode(adapter, weights: WeightFormat, place=None) -> Graph:
     """``input_ids [B, T], attention_mask [B, P+T], position_ids [B, T], past.*`` -> ``logits [B, T, V]``, presents."""
-    g = Graph("qavtp_decode")
+    g = Graph("qavtp_decode", place)
     dec = make_decoder(g, adapter, weights)
     ids = g.input("input_ids", INT64, ["batch", "seq"])
     mask = g.input("attention_mask", INT64, ["batch", "total_seq"])

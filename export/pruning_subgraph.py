@@ -62,14 +62,15 @@ def text_attention(g: Graph, dec: Decoder, emb: str, mask: str, positions: str, 
         for i in range(at):
             emb, _, _ = dec.make_layer(i, emb, rope, allowed, None, stage="prune/score")
         g.scope = "prune/score"
-    layer = dec.layers[at]
-    attn = layer.self_attn
-    h = rmsnorm(g, emb, layer.input_layernorm.weight, dec.eps, dec.name(layer.input_layernorm))
-    last = g.op("Slice", h, g.const([-1], I64), g.const([np.iinfo(I64).max], I64), g.const([1], I64))
-    rope = dec.rope(positions)
-    # Weights without activation quantizer, as the torch scorer: a flipped 4-bit rounding would change the kept set.
-    q = _heads(g, dec.linear(last, attn.q_proj, act=False), dec.heads, dec.head_dim)  # [B, H, 1, hd]
-    k = _heads(g, dec.linear(h, attn.k_proj, act=False), dec.kv_heads, dec.head_dim)  # [B, Hkv, L, hd]
+    with dec.adapter.resident(at) as layer:
+        attn = layer.self_attn
+        h = rmsnorm(g, emb, layer.input_layernorm.weight, dec.eps, dec.name(layer.input_layernorm))
+        last = g.op("Slice", h, g.const([-1], I64), g.const([np.iinfo(I64).max], I64), g.const([1], I64))
+        rope = dec.rope(positions)
+        # Weights without activation quantizer, as the torch scorer: a flipped 4-bit rounding would change the kept
+        # set.
+        q = _heads(g, dec.linear(last, attn.q_proj, act=False), dec.heads, dec.head_dim)  # [B, H, 1, hd]
+        k = _heads(g, dec.linear(h, attn.k_proj, act=False), dec.kv_heads, dec.head_dim)  # [B, Hkv, L, hd]
     last_sl = (g.const([-1], I64), g.const([np.iinfo(I64).max], I64), g.const([2], I64))
     q_rope = type(rope)(g.op("Slice", rope.cos, *last_sl), g.op("Slice", rope.sin, *last_sl))
     q = dec.apply_rope(q, q_rope)

@@ -244,8 +244,13 @@ class CalibrationConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     recipe: str | None = None  # the recipe's name, recorded in the artifact
+    # Read the decoder layers one at a time from the checkpoint's shards (None: when its float32 weights exceed
+    # STREAM_ABOVE_BYTES); the artifact then stores one shard per layer.
+    stream: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.stream is not None and not isinstance(self.stream, bool):
+            raise ConfigError("stream", f"must be true, false or None (automatic), got {self.stream!r}")
         if not isinstance(self.data, str) or not self.data:
             raise ConfigError("data", f"must name a data set, got {self.data!r}")
         _int("n_samples", self.n_samples, 1, f"must be at least 1 (the calibration set is empty), got {self.n_samples}")

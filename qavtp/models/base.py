@@ -5,6 +5,7 @@ A new MLLM is one new module that subclasses :class:`Adapter` and calls :func:`r
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,12 @@ class Adapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        # qavtp.models.streaming.LayerStream when the decoder layers live on the meta device (a streamed checkpoint)
+        self.stream = None
+
+    def resident(self, i: int):
+        """A context in which decoder layer ``i`` holds its weights: a no-op unless the model is streamed."""
+        return nullcontext(self.decoder_layers[i]) if self.stream is None else self.stream.resident(i)
 
     # -- vision side -------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,14 @@ from qavtp.errors import QavtpError
 from qavtp.models import llava as _llava  # noqa: F401  (registers the adapter)
 from qavtp.models import reference
 from qavtp.models.base import Adapter, adapter_class, supported_model_types
+from qavtp.models.streaming import (
+    LayerStream,
+    ShardedCheckpoint,
+    checkpoint_source,
+    empty_model,
+    layer_prefix,
+    load_shell,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -30,8 +39,6 @@ def resolve(model: str | os.PathLike, cache_dir: str | os.PathLike | None = None
 
 def check_checkpoint(path: Path) -> dict:
     """Read and validate config.json and the safetensors headers without loading any weights."""
-    from safetensors import safe_open
-
     if not path.exists():
         raise QavtpError(f"model directory not found: {path}")
     if not path.is_dir():
@@ -50,16 +57,9 @@ def check_checkpoint(path: Path) -> dict:
         raise QavtpError(
             f"unsupported architecture {model_type!r} in {cfg_file}; supported: {', '.join(supported_model_types())}"
         )
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
+    if not any(path.glob("*.safetensors")):
         raise QavtpError(f"{path} has no .safetensors weights (pickled .bin weights are not loaded)")
-    shapes: dict[str, list[int]] = {}
-    for w in weights:
-        try:
-            with safe_open(str(w), framework="pt") as f:
-                shapes |= {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for a damaged header
-            raise QavtpError(f"corrupt safetensors file {w}: {e}") from None
+    shapes = ShardedCheckpoint(path).shapes()  # the index checked, every header read, no tensor
     check_config_against_weights(config, shapes, cfg_file)
     return config
 
@@ -116,9 +116,14 @@ def load_model(
     model: str | os.PathLike = reference.NAME,
     dtype: str = "fp32",
     cache_dir: str | os.PathLike | None = None,
+    stream: bool = False,
 ) -> tuple[torch.nn.Module, object, Adapter]:
-    """Model, processor and adapter for a local checkpoint (or the reference model's name)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """Model, processor and adapter for a local checkpoint (or the reference model's name).
+
+    ``stream``: the decoder layers stay on the meta device, each read from the shards inside
+    ``adapter.resident(i)`` (:mod:`qavtp.models.streaming`); the rest is loaded in float32.
+    """
+    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     if dtype not in DTYPES:
@@ -130,7 +135,12 @@ def load_model(
     hf_logging.disable_progress_bar()  # a bar per load is noise, and hides the one-line errors
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
-        net = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
+        if stream:
+            if dtype != "fp32":
+                raise QavtpError("a streamed model is read in float32")
+            net = empty_model(path, LlavaConfig, LlavaForConditionalGeneration)
+        else:
+            net = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "above report" in first or "size mismatch" in first:
@@ -142,4 +152,15 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     net.eval()
-    return net, processor, adapter_class(config["model_type"])(net)
+    adapter = adapter_class(config["model_type"])(net)
+    if stream:
+        ckpt = ShardedCheckpoint(path)
+        layers = adapter.decoder_layers
+        load_shell(net, ckpt, layer_prefix(net, layers, 0).rsplit(".", 2)[0] + ".")
+        adapter.stream = LayerStream(layers, checkpoint_source(ckpt, net, layers))
+    return net, processor, adapter
+
+
+def fp32_bytes(path: Path) -> int:
+    """The checkpoint's size once read in float32 (from the safetensors headers): what loading it whole costs."""
+    return sum(4 * math.prod(s) for s in ShardedCheckpoint(path).shapes().values())
