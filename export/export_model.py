@@ -236,12 +236,20 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
             "fused_ops": config.weights.fused_ops,
         },
     }
+    sel = Selection(n, k, used_scorer, params, theta)
+    try:
+        _write(out, adapter, config, meta, sel, processor)
+    except OSError as e:  # a full disk or a file-size cap: atomic_dir has removed the partial export already
+        raise QavtpError(f"could not write the export to {out}: {e.strerror or e}") from None
+    return out
+
+
+def _write(out: Path, adapter, config: ExportConfig, meta: dict, sel: Selection, processor) -> None:
     with atomic_dir(out) as tmp:
         # Each weight goes to weights.bin as the graph registers it: a streamed model's layers are read one at a
         # time, and no graph ever holds the model's bytes (nor nears protobuf's 2 GiB limit).
         store = WeightStore(tmp / WEIGHTS)
         try:
-            sel = Selection(n, k, used_scorer, params, theta)
             graphs = {}
             for name, build in (
                 (PREFILL, lambda: build_prefill(adapter, config.weights, sel, store.place)),
@@ -257,4 +265,3 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
         # What qavtp run / eval-onnx verify before running: a swapped or truncated file is one line, not garbage.
         meta["digests"] = {name: sha256_file(tmp / name) for name in (PREFILL, DECODE, WEIGHTS)}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def _draw(name: str, shape: tuple[int, ...], n_layers: int, gen: torch.Generator
         return torch.randn(shape, generator=gen)
     if "embed" in name and len(shape) == 2:
         return torch.randn(shape, generator=gen) * (0.02 if "position" in name else 1.0)
-    fan_in = int(torch.tensor(shape[1:]).prod())
+    fan_in = math.prod(shape[1:])
     std = fan_in**-0.5
     if any(f".{r}." in name for r in _RESIDUAL_OUT):
         std /= (2 * n_layers) ** 0.5
@@ -140,6 +141,7 @@ def write_random_shards(
     text: dict | None = None,
     *,
     max_shard_bytes: int = 4 << 30,
+    n_shards: int | None = None,
     dtype: torch.dtype = torch.float16,
     seed: int = 0,
     legacy_names: bool = True,
@@ -166,15 +168,16 @@ def write_random_shards(
     entries = [(n, tuple(t.shape)) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")]
     n_layers = max(config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers)
     size = torch.empty((), dtype=dtype).element_size()
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    used = 0
-    for name, shape in entries:
-        nbytes = size * int(torch.tensor(shape).prod())
-        if groups[-1] and used + nbytes > max_shard_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append((name, shape))
-        used += nbytes
+    nbytes = [size * math.prod(shape) for _, shape in entries]
+    total = sum(nbytes)
+    # Contiguous groups of about equal size, as many as max_shard_bytes (or n_shards) asks for.
+    n = n_shards or max(1, math.ceil(total / max_shard_bytes))
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(n)]
+    before = 0
+    for entry, b in zip(entries, nbytes, strict=True):
+        groups[min(n - 1, before * n // total)].append(entry)
+        before += b
+    groups = [grp for grp in groups if grp]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weight_map = {}
@@ -192,7 +195,6 @@ def write_random_shards(
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
         del tensors
     bar.close()
-    total = sum(size * int(torch.tensor(s).prod()) for _, s in entries)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config.save_pretrained(out)
