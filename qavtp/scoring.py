@@ -138,7 +138,11 @@ def text_attention(
     ties common) would otherwise change which tokens are kept.
     """
     layers = adapter.decoder_layers
-    layer = layers[check_layer(len(layers), layer_idx)]
+    with adapter.resident(check_layer(len(layers), layer_idx)) as layer:  # a streamed model reads the layer now
+        return _last_token_attention(adapter, layer, hidden_in, visual_mask, attention_mask, position_ids)
+
+
+def _last_token_attention(adapter, layer, hidden_in, visual_mask, attention_mask, position_ids) -> Tensor:
     attn = layer.self_attn
     B, L, _ = hidden_in.shape
     if attention_mask is None:

@@ -186,3 +186,16 @@ def test_a_full_disk_while_exporting_leaves_nothing_behind(artifacts, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not write the export" in lines[0], r.stderr
     assert not out.exists() and not list(tmp_path.glob(".export-*"))
+
+
+def test_a_whole_model_forward_streams_its_layers(sharded, tiny, easyvqa_test):
+    from qavtp.prompting import encode
+
+    whole, processor, _ = load_model(sharded)
+    lazy, _, adapter = load_model(sharded, stream=True)
+    rows = easyvqa_test[:2]
+    enc = dict(encode(processor, rows["image"], rows["prompt"]))
+    with torch.no_grad():
+        want, got = whole(**enc).logits, lazy(**enc).logits
+    assert torch.equal(want, got)
+    assert adapter.stream.visits == 3 and all(is_streamed(layer) for layer in adapter.decoder_layers)

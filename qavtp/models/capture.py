@@ -25,7 +25,8 @@ def capture_inputs(model_call, layer: nn.Module) -> tuple[torch.Tensor, dict]:
         box["kwargs"] = dict(kwargs)
         raise _Stop
 
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    # First among the layer's pre-hooks: the pass ends before any other runs (a streamed layer's would read it).
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         model_call()
     except _Stop:

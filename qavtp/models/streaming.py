@@ -133,13 +133,28 @@ def is_streamed(module: nn.Module) -> bool:
 
 
 class LayerStream:
-    """Decoder layer ``i`` resident only inside :meth:`resident`: read by ``source(i, names)`` (module-relative
-    tensor names to tensors), released after. ``keep(i)`` there keeps a layer that calibration has replaced in
-    memory only until it is written: the caller writes it before the block ends."""
+    """Decoder layer ``i`` resident only inside :meth:`resident` (or while a forward runs through it): read by
+    ``source(i, names)`` (module-relative tensor names to tensors), released after."""
 
     def __init__(self, layers: nn.ModuleList, source: Callable[[int, list[str]], Mapping[str, torch.Tensor]]):
         self.layers, self.source = layers, source
         self.visits = 0  # how many layers were materialised: what the tests check
+        # A whole-model forward (evaluation, scoring) reads each layer as the forward reaches it, and drops it after.
+        self._open: dict[int, object] = {}
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i))
+            layer.register_forward_hook(lambda _m, _a, _o, i=i: self._exit(i), always_call=True)
+
+    def _enter(self, i: int) -> None:
+        if is_streamed(self.layers[i]):
+            ctx = self.resident(i)
+            ctx.__enter__()
+            self._open[i] = ctx
+
+    def _exit(self, i: int) -> None:
+        ctx = self._open.pop(i, None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
 
     @contextmanager
     def resident(self, i: int) -> Iterator[nn.Module]:
