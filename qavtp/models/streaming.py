@@ -60,15 +60,15 @@ class ShardedCheckpoint:
                     raise QavtpError(f"{index} names shard {shard}, which {path} does not have")
         else:
             weight_map, shards = {}, [p.name for p in sorted(path.glob("*.safetensors"))]
-        self._handles = {}
         found: dict[str, str] = {}
+        self._shapes: dict[str, list[int]] = {}
         for shard in shards:
             try:
-                handle = safe_open(str(path / shard), framework="pt")
+                with safe_open(str(path / shard), framework="pt") as handle:
+                    found.update({k: shard for k in handle.keys()})
+                    self._shapes.update({k: list(handle.get_slice(k).get_shape()) for k in handle.keys()})
             except Exception as e:  # safetensors' own error types: a truncated shard fails here, header vs size
                 raise QavtpError(f"corrupt safetensors file {path / shard}: {e}") from None
-            self._handles[shard] = handle
-            found.update({k: shard for k in handle.keys()})
         for key, shard in weight_map.items():
             if found.get(key) != shard:
                 raise QavtpError(f"{index} places tensor {key} in {shard}, which does not hold it")
@@ -82,13 +82,25 @@ class ShardedCheckpoint:
 
     def shapes(self) -> dict[str, list[int]]:
         """Every tensor's shape, under the checkpoint's own names (from the headers)."""
-        return {k: list(self._handles[s].get_slice(k).get_shape()) for k, s in self._where.values()}
+        return dict(self._shapes)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        if name not in self._where:
-            raise QavtpError(f"{self.path} holds no tensor {name} (the model needs it)")
-        key, shard = self._where[name]
-        return self._handles[shard].get_tensor(key)
+    def tensors(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` (model names), each shard opened once and closed after: a shard stays mapped only
+        while it is read, so the pages read do not pile up in the process's resident memory."""
+        from safetensors import safe_open
+
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self._where:
+                raise QavtpError(f"{self.path} holds no tensor {name} (the model needs it)")
+            by_shard.setdefault(self._where[name][1], []).append(name)
+        out = {}
+        for shard, group in by_shard.items():
+            with safe_open(str(self.path / shard), framework="pt") as f:
+                for name in group:
+                    t = f.get_tensor(self._where[name][0])
+                    out[name] = t if dtype is None else t.to(dtype)
+        return out
 
 
 def state_names(module: nn.Module) -> list[str]:
@@ -184,7 +196,8 @@ def checkpoint_source(ckpt: ShardedCheckpoint, model: nn.Module, layers: nn.Modu
 
     def source(i: int, names: list[str]) -> dict[str, torch.Tensor]:
         prefix = layer_prefix(model, layers, i)
-        return {n: ckpt.tensor(prefix + n).to(torch.float32) for n in names}
+        state = ckpt.tensors([prefix + n for n in names], torch.float32)
+        return {n: state[prefix + n] for n in names}
 
     return source
 
@@ -193,7 +206,7 @@ def load_shell(model: nn.Module, ckpt: ShardedCheckpoint, skip: str) -> None:
     """Every stored tensor of ``model`` outside ``skip`` (the decoder layers' prefix) read from ``ckpt``, float32."""
     names = [n for n in state_names(model) if not n.startswith(skip)]
     tied = _tied(model)
-    materialise(model, {n: ckpt.tensor(n).to(torch.float32) for n in names if n not in tied})
+    materialise(model, ckpt.tensors([n for n in names if n not in tied], torch.float32))
     if tied:
         model.tie_weights()
 
