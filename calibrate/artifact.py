@@ -63,11 +63,16 @@ def _stored_state(model: torch.nn.Module, prefixes: tuple[str, ...], root: str =
     """The tensors of ``model`` (named ``root`` + their path) under ``prefixes`` that hold values: a streamed
     model's decoder layers, on the meta device, are written by :class:`LayerShards` instead."""
     out = {}
+    seen: set[int] = set()
     for k, v in model.state_dict().items():
         k = root + k
         if not k.startswith(prefixes) or v.is_meta:
             continue
-        out[k] = v.detach().contiguous().clone()
+        v = v.detach().contiguous()
+        # safetensors refuses tensors that share memory (a tied head): only those are copied, not the whole model.
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
     # Packed int4 codes: half the bytes of int8, as the artifact format promises.
     for name, mod in model.named_modules():
         name = root + name

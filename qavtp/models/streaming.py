@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qavtp.calibrate.quantizers import QuantWeight
 from qavtp.errors import QavtpError
 
 INDEX = "model.safetensors.index.json"
@@ -129,8 +130,6 @@ def release(module: nn.Module) -> None:
 
 
 def _is_quant_weight(m: nn.Module) -> bool:
-    from qavtp.calibrate.quantizers import QuantWeight  # the model layer may not import calibrate at load time
-
     return isinstance(m, QuantWeight)
 
 
