@@ -9,6 +9,7 @@ plus what stays resident, whatever the number of layers.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -127,6 +128,18 @@ def release(module: nn.Module) -> None:
     for m in module.modules():
         if _is_quant_weight(m):
             m.weight = m.weight.to("meta")
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that a layer's temporaries freed back to the OS. glibc keeps it otherwise: measured on the
+    7B shape, resident memory grew ~0.1 GiB per layer (fragmentation, not live tensors) until an export of 32
+    layers peaked at 8.2 GiB; with a trim after each layer it stays at the resident part's 2.9 GiB."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return
+    libc.malloc_trim(0)
 
 
 def _is_quant_weight(m: nn.Module) -> bool:
