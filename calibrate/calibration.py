@@ -31,7 +31,7 @@ from qavtp.config import CalibrationConfig, QuantConfig
 from qavtp.data import data_path, load_data
 from qavtp.device import describe, peak_mib, reset_peak, resolve_device
 from qavtp.errors import QavtpError
-from qavtp.io import atomic_dir, check_output
+from qavtp.io import atomic_dir, check_output, disk_full_is_one_line
 from qavtp.models.loading import fp32_bytes, load_model, resolve
 from qavtp.models.reference import NAME, cache_root
 
@@ -83,7 +83,7 @@ def run_calibration(
     kv = kv_spec(quant)
     if kv is not None:
         install_kv_quant(adapter, kv)  # before the layers are calibrated: GPTQ sees the deployed attention
-    with atomic_dir(out) as tmp:
+    with disk_full_is_one_line(out, "artifact"), atomic_dir(out) as tmp:
         shards = LayerShards(tmp, adapter) if stream else None
         record = calibrate_model(adapter, batches, quant, seed=config.seed, device=dev, progress=progress, sink=shards)
         device_peak = peak_mib(dev)

@@ -25,7 +25,7 @@ from qavtp.export.llava_graph import check_supported
 from qavtp.export.onnx_graph import Graph
 from qavtp.export.prefill_decode import build_decode, build_prefill
 from qavtp.export.pruning_subgraph import Selection
-from qavtp.io import atomic_dir, check_output, sha256_file
+from qavtp.io import atomic_dir, check_output, disk_full_is_one_line, sha256_file
 from qavtp.models.loading import load_model, resolve
 from qavtp.models.reference import NAME, cache_root
 from qavtp.pruning import keep_count
@@ -237,10 +237,8 @@ def write_export(loaded: Loaded, out: Path, config: ExportConfig) -> Path:
         },
     }
     sel = Selection(n, k, used_scorer, params, theta)
-    try:
+    with disk_full_is_one_line(out, "export"):
         _write(out, adapter, config, meta, sel, processor)
-    except OSError as e:  # a full disk or a file-size cap: atomic_dir has removed the partial export already
-        raise QavtpError(f"could not write the export to {out}: {e.strerror or e}") from None
     return out
 
 

@@ -8,9 +8,11 @@ output of the same kind, or that cannot be written.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -148,3 +150,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@contextmanager
+def disk_full_is_one_line(out: Path, what: str) -> Iterator[None]:
+    """A full disk, a quota or a file-size cap while writing ``out`` becomes one :class:`QavtpError` line (the
+    caller's :func:`atomic_dir` has removed the partial output by then)."""
+    try:
+        yield
+    except Exception as e:  # OSError, or safetensors' Rust error naming the OS error in its message
+        code = e.errno if isinstance(e, OSError) else _os_error_in(str(e))
+        if code not in FULL_DISK:
+            raise
+        raise QavtpError(f"could not write the {what} to {out}: {os.strerror(code)}") from None
+
+
+def _os_error_in(message: str) -> int | None:
+    m = re.search(r"os error (\d+)", message)
+    return int(m.group(1)) if m else None
